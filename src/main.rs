@@ -1,1 +1,133 @@
-fn main() {}
+//! The `nftlb` daemon.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::sync::mpsc;
+
+use nftlb::api::{self, Job};
+use nftlb::cli::{generate_key, Args};
+use nftlb::engine::{Engine, EngineConfig};
+use nftlb::store::Store;
+use nftlb::{kernel, logging};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nftlb: {e}");
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_config(args: &Args) -> Result<Option<serde_json::Value>, String> {
+    let Some(path) = &args.config else {
+        return Ok(None);
+    };
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| format!("{}: the structure is invalid: {e}", path.display()))
+}
+
+fn run(args: Args) -> Result<(), String> {
+    logging::init(args.log_level, args.log_output);
+    let cfg = EngineConfig {
+        masquerade_mark: args.masquerade_mark()?,
+    };
+    if args.serial {
+        tracing::info!("-S accepted: every request is one atomic transaction regardless");
+    }
+    let config = read_config(&args)?;
+
+    if args.exit {
+        if config.is_none() {
+            return Err("-e needs a configuration file (-c FILE)".into());
+        }
+        let k = kernel::open(&args.nft_backend).map_err(|e| e.to_string())?;
+        let mut engine = Engine::new(k, None, cfg);
+        engine.start(config.as_ref(), false)?;
+        return Ok(());
+    }
+
+    let key = match args.explicit_key() {
+        Some(k) => k,
+        None => {
+            let k = generate_key()?;
+            println!("Key: {k}");
+            let _ = std::io::stdout().flush();
+            k
+        }
+    };
+    if args.daemon {
+        // SAFETY: called before any thread is started.
+        match unsafe { libc::fork() } {
+            -1 => return Err("fork failed".into()),
+            0 => {
+                // SAFETY: detaching from the terminal's session in the child.
+                unsafe { libc::setsid() };
+            }
+            _ => return Ok(()),
+        }
+    }
+
+    let k = kernel::open(&args.nft_backend).map_err(|e| e.to_string())?;
+    tracing::info!(backend = k.name(), "nftables backend ready");
+    let mut engine = Engine::new(k, Some(Store::new(&args.state_file)), cfg);
+    engine.start(config.as_ref(), true)?;
+
+    let (tx, mut rx) = mpsc::channel::<Job>(1024);
+    let writer = std::thread::Builder::new()
+        .name("writer".into())
+        .spawn(move || {
+            while let Some((req, reply)) = rx.blocking_recv() {
+                let r = engine.handle(&req);
+                let _ = reply.send(r);
+            }
+        })
+        .map_err(|e| format!("cannot start the writer thread: {e}"))?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let host = args.listen_host();
+    let addr = if host.contains(':') {
+        format!("[{host}]:{}", args.port)
+    } else {
+        format!("{host}:{}", args.port)
+    };
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        tracing::info!(%addr, "API listening");
+        axum::serve(listener, api::router(key, tx))
+            .with_graceful_shutdown(shutdown())
+            .await
+            .map_err(|e| format!("server error: {e}"))
+    })?;
+    // The router (and its sender) is gone: the writer drains and stops.
+    let _ = writer.join();
+    tracing::info!("shutting down; rules stay in place");
+    Ok(())
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

@@ -1,0 +1,58 @@
+//! `nft -f -`: the same text through the nft command (fallback and cross-check).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use super::{summarize_error, Kernel, KernelError};
+
+/// Runs the `nft` binary for each transaction.
+pub struct CliKernel {
+    nft: String,
+}
+
+impl CliKernel {
+    /// Checks that `nft` can be run.
+    pub fn new() -> Result<Self, KernelError> {
+        let nft = std::env::var("NFTLB_NFT").unwrap_or_else(|_| "nft".into());
+        Command::new(&nft)
+            .arg("--version")
+            .output()
+            .map_err(|e| KernelError::Unavailable(format!("cannot run {nft}: {e}")))?;
+        Ok(CliKernel { nft })
+    }
+
+    fn run(&self, args: &[&str], stdin: &str) -> Result<String, KernelError> {
+        let mut child = Command::new(&self.nft)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| KernelError::Unavailable(format!("cannot run {}: {e}", self.nft)))?;
+        if let Some(mut i) = child.stdin.take() {
+            i.write_all(stdin.as_bytes())
+                .map_err(|e| KernelError::Unavailable(format!("writing to nft: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| KernelError::Unavailable(format!("waiting for nft: {e}")))?;
+        if !out.status.success() {
+            return Err(KernelError::Rejected(summarize_error(
+                &String::from_utf8_lossy(&out.stderr),
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Kernel for CliKernel {
+    fn apply(&mut self, commands: &str) -> Result<(), KernelError> {
+        self.run(&["-f", "-"], commands).map(|_| ())
+    }
+    fn list(&mut self, command: &str) -> Result<String, KernelError> {
+        self.run(&["-t", "-f", "-"], command)
+    }
+    fn name(&self) -> &'static str {
+        "nft-cli"
+    }
+}

@@ -1,0 +1,72 @@
+//! The only code that talks to nftables. One [`Kernel`] value is owned by the writer
+//! thread; every change is one transaction, applied atomically by the kernel.
+
+mod cli;
+mod fake;
+mod ffi;
+
+pub use cli::CliKernel;
+pub use fake::FakeKernel;
+pub use ffi::LibKernel;
+
+/// What went wrong talking to nftables.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    /// nftables refused the transaction; nothing was changed.
+    #[error("nftables rejected the transaction: {0}")]
+    Rejected(String),
+    /// The backend itself could not run (library or binary missing, I/O error).
+    #[error("nftables is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// An nftables backend: runs a batch of commands as one transaction, or a listing.
+pub trait Kernel: Send {
+    /// Runs `commands` (nft syntax, one command per line) as one transaction.
+    fn apply(&mut self, commands: &str) -> Result<(), KernelError>;
+    /// Runs a read-only command (e.g. `list table ip nftlb`) and returns its text
+    /// output, without set elements.
+    fn list(&mut self, command: &str) -> Result<String, KernelError>;
+    /// A short name for logs.
+    fn name(&self) -> &'static str;
+}
+
+/// Trims nft's error output to its useful lines (it repeats the input with carets).
+pub(crate) fn summarize_error(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let mut out = lines
+        .iter()
+        .filter(|l| l.contains("Error:"))
+        .map(|l| l.to_string())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if out.is_empty() {
+        out = lines.join("; ");
+    }
+    if out.len() > 2000 {
+        out.truncate(2000);
+        out.push_str("...");
+    }
+    out
+}
+
+/// Opens the preferred backend: `kind` is `lib` (libnftables in-process), `cli`
+/// (`nft -f -`) or `auto` (lib, falling back to cli if the library cannot start).
+pub fn open(kind: &str) -> Result<Box<dyn Kernel>, KernelError> {
+    match kind {
+        "lib" => Ok(Box::new(LibKernel::new()?)),
+        "cli" => Ok(Box::new(CliKernel::new()?)),
+        "fake" => Ok(Box::new(FakeKernel::default())),
+        _ => match LibKernel::new() {
+            Ok(k) => Ok(Box::new(k)),
+            Err(e) => {
+                tracing::warn!("libnftables unavailable ({e}); using the nft command");
+                Ok(Box::new(CliKernel::new()?))
+            }
+        },
+    }
+}

@@ -1,0 +1,368 @@
+//! A typed nftables ruleset (our tables only) and the plan that turns one ruleset into
+//! another as a single transaction of the fewest operations.
+//!
+//! Containers (tables, chains, maps, elements) are typed; a rule body is text built by
+//! the renderer from validated values only (the knftables approach).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// Name of every table this daemon owns.
+pub const TABLE: &str = "nftlb";
+
+/// Family of one of our tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TableFamily {
+    /// `table ip nftlb`.
+    Ip,
+    /// `table ip6 nftlb`.
+    Ip6,
+}
+
+impl TableFamily {
+    /// Both families, in rendering order.
+    pub const ALL: [TableFamily; 2] = [TableFamily::Ip, TableFamily::Ip6];
+    /// nft's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ip => "ip",
+            Self::Ip6 => "ip6",
+        }
+    }
+}
+
+/// A named map or set with its elements (key text -> value text; empty value for sets).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MapDef {
+    /// `map` or `set`.
+    pub kind: &'static str,
+    /// The declaration body, e.g. `type ipv4_addr : verdict; flags interval;`.
+    pub spec: String,
+    /// Elements.
+    pub elements: BTreeMap<String, String>,
+}
+
+/// A chain: base chains carry their hook declaration.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Chain {
+    /// e.g. `type nat hook prerouting priority dstnat; policy accept;`.
+    pub base: Option<String>,
+    /// Rules in order.
+    pub rules: Vec<String>,
+}
+
+/// One of our tables.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Table {
+    /// Maps and sets by name.
+    pub maps: BTreeMap<String, MapDef>,
+    /// Chains by name.
+    pub chains: BTreeMap<String, Chain>,
+}
+
+/// Everything we own in the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ruleset {
+    /// Tables by family.
+    pub tables: BTreeMap<TableFamily, Table>,
+}
+
+/// Commands for one nftables transaction, in the order they must run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Transaction {
+    /// One nft command per entry.
+    pub commands: Vec<String>,
+}
+
+impl Transaction {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+    /// The text given to libnftables / `nft -f -`.
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        for c in &self.commands {
+            s.push_str(c);
+            s.push('\n');
+        }
+        s
+    }
+}
+
+/// Most elements per `add element` / `delete element` command (keeps commands readable
+/// in logs and error messages; they all stay in one transaction).
+const ELEMENTS_PER_COMMAND: usize = 512;
+
+fn element_commands(
+    out: &mut Vec<String>,
+    verb: &str,
+    fam: TableFamily,
+    map: &str,
+    items: &[(&String, &String)],
+    with_values: bool,
+) {
+    for chunk in items.chunks(ELEMENTS_PER_COMMAND) {
+        let mut c = format!("{verb} element {} {TABLE} {map} {{ ", fam.as_str());
+        for (i, (k, v)) in chunk.iter().enumerate() {
+            if i > 0 {
+                c.push_str(", ");
+            }
+            c.push_str(k);
+            if with_values && !v.is_empty() {
+                let _ = write!(c, " : {v}");
+            }
+        }
+        c.push_str(" }");
+        out.push(c);
+    }
+}
+
+fn chain_decl(fam: TableFamily, name: &str, chain: &Chain) -> String {
+    match &chain.base {
+        Some(b) => format!("add chain {} {TABLE} {name} {{ {b} }}", fam.as_str()),
+        None => format!("add chain {} {TABLE} {name}", fam.as_str()),
+    }
+}
+
+/// The transaction that turns `old` into `new`: only what differs is touched.
+/// Phases: tables, maps, new chains, changed chain bodies, element deletes, element adds,
+/// then removal of chains, maps and tables that are gone (after nothing refers to them).
+pub fn plan(old: &Ruleset, new: &Ruleset) -> Transaction {
+    let empty = Table::default();
+    let mut tx = Transaction::default();
+    let c = &mut tx.commands;
+    for (fam, nt) in &new.tables {
+        let ot = old.tables.get(fam);
+        if ot.is_none() {
+            c.push(format!("add table {} {TABLE}", fam.as_str()));
+        }
+        let ot = ot.unwrap_or(&empty);
+        for (name, m) in &nt.maps {
+            if !ot.maps.contains_key(name) {
+                c.push(format!(
+                    "add {} {} {TABLE} {name} {{ {} }}",
+                    m.kind,
+                    fam.as_str(),
+                    m.spec
+                ));
+            }
+        }
+        for (name, ch) in &nt.chains {
+            if !ot.chains.contains_key(name) {
+                c.push(chain_decl(*fam, name, ch));
+            }
+        }
+    }
+    for (fam, nt) in &new.tables {
+        let ot = old.tables.get(fam).unwrap_or(&empty);
+        for (name, ch) in &nt.chains {
+            let prev = ot.chains.get(name);
+            if prev.map(|p| &p.rules) == Some(&ch.rules) {
+                continue;
+            }
+            if prev.is_some_and(|p| !p.rules.is_empty()) {
+                c.push(format!("flush chain {} {TABLE} {name}", fam.as_str()));
+            }
+            for r in &ch.rules {
+                c.push(format!("add rule {} {TABLE} {name} {r}", fam.as_str()));
+            }
+        }
+    }
+    // Element deletes (removed keys and keys whose value changes), then adds.
+    for (fam, ot) in &old.tables {
+        let nt = new.tables.get(fam).unwrap_or(&empty);
+        for (name, om) in &ot.maps {
+            let Some(nm) = nt.maps.get(name) else {
+                continue;
+            };
+            let dels: Vec<(&String, &String)> = om
+                .elements
+                .iter()
+                .filter(|(k, v)| nm.elements.get(*k) != Some(*v))
+                .collect();
+            element_commands(c, "delete", *fam, name, &dels, false);
+        }
+    }
+    for (fam, nt) in &new.tables {
+        let ot = old.tables.get(fam).unwrap_or(&empty);
+        for (name, nm) in &nt.maps {
+            let om = ot.maps.get(name);
+            let adds: Vec<(&String, &String)> = nm
+                .elements
+                .iter()
+                .filter(|(k, v)| om.and_then(|m| m.elements.get(*k)) != Some(*v))
+                .collect();
+            element_commands(c, "add", *fam, name, &adds, true);
+        }
+    }
+    for (fam, ot) in &old.tables {
+        let nt = new.tables.get(fam);
+        if nt.is_none() {
+            c.push(format!("delete table {} {TABLE}", fam.as_str()));
+            continue;
+        }
+        let nt = nt.unwrap_or(&empty);
+        for (name, ch) in &ot.chains {
+            if !nt.chains.contains_key(name) {
+                if !ch.rules.is_empty() {
+                    c.push(format!("flush chain {} {TABLE} {name}", fam.as_str()));
+                }
+                c.push(format!("delete chain {} {TABLE} {name}", fam.as_str()));
+            }
+        }
+        for (name, m) in &ot.maps {
+            if !nt.maps.contains_key(name) {
+                c.push(format!("delete {} {} {TABLE} {name}", m.kind, fam.as_str()));
+            }
+        }
+    }
+    tx
+}
+
+/// Names of chains and maps found in a kernel listing of one of our tables
+/// (`nft -t list table …` text), used at start-up to find leftovers.
+pub fn parse_listing(text: &str) -> (Vec<String>, Vec<(String, String)>) {
+    let mut chains = Vec::new();
+    let mut maps = Vec::new();
+    for line in text.lines() {
+        let t = line.trim();
+        let mut words = t.split_whitespace();
+        match (words.next(), words.next(), words.next()) {
+            (Some("chain"), Some(name), Some("{")) => chains.push(name.to_string()),
+            (Some(kind @ ("map" | "set")), Some(name), Some("{")) => {
+                maps.push((kind.to_string(), name.to_string()))
+            }
+            _ => {}
+        }
+    }
+    (chains, maps)
+}
+
+/// A transaction that makes the kernel hold exactly `desired`, whatever state our
+/// tables are in (start-up and recovery). It never deletes a table: existing objects
+/// are re-declared (a no-op when they match), chains and maps are flushed and refilled in
+/// the same transaction, and leftovers listed in `present` are removed.
+pub fn resync(
+    desired: &Ruleset,
+    present: &BTreeMap<TableFamily, (Vec<String>, Vec<(String, String)>)>,
+) -> Transaction {
+    let mut tx = Transaction::default();
+    let c = &mut tx.commands;
+    for (fam, t) in &desired.tables {
+        let f = fam.as_str();
+        c.push(format!("add table {f} {TABLE}"));
+        for (name, m) in &t.maps {
+            c.push(format!(
+                "add {} {f} {TABLE} {name} {{ {} }}",
+                m.kind, m.spec
+            ));
+            c.push(format!("flush {} {f} {TABLE} {name}", m.kind));
+        }
+        for (name, ch) in &t.chains {
+            c.push(chain_decl(*fam, name, ch));
+            c.push(format!("flush chain {f} {TABLE} {name}"));
+        }
+        if let Some((chains, _)) = present.get(fam) {
+            for name in chains {
+                if !t.chains.contains_key(name) {
+                    c.push(format!("flush chain {f} {TABLE} {name}"));
+                }
+            }
+        }
+        for (name, ch) in &t.chains {
+            for r in &ch.rules {
+                c.push(format!("add rule {f} {TABLE} {name} {r}"));
+            }
+        }
+        for (name, m) in &t.maps {
+            let items: Vec<(&String, &String)> = m.elements.iter().collect();
+            element_commands(c, "add", *fam, name, &items, true);
+        }
+        if let Some((chains, maps)) = present.get(fam) {
+            for name in chains {
+                if !t.chains.contains_key(name) {
+                    c.push(format!("delete chain {f} {TABLE} {name}"));
+                }
+            }
+            for (kind, name) in maps {
+                if !t.maps.contains_key(name) {
+                    c.push(format!("delete {kind} {f} {TABLE} {name}"));
+                }
+            }
+        }
+    }
+    tx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rs(elems: &[(&str, &str)], rules: &[&str]) -> Ruleset {
+        let mut t = Table::default();
+        t.maps.insert(
+            "m".into(),
+            MapDef {
+                kind: "map",
+                spec: "type ipv4_addr : ipv4_addr;".into(),
+                elements: elems
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            },
+        );
+        t.chains.insert(
+            "c".into(),
+            Chain {
+                base: None,
+                rules: rules.iter().map(|r| r.to_string()).collect(),
+            },
+        );
+        let mut r = Ruleset::default();
+        r.tables.insert(TableFamily::Ip, t);
+        r
+    }
+
+    #[test]
+    fn plan_touches_only_what_changed() {
+        let a = rs(&[("1.1.1.1", "2.2.2.2"), ("3.3.3.3", "4.4.4.4")], &["drop"]);
+        let b = rs(&[("1.1.1.1", "2.2.2.9"), ("3.3.3.3", "4.4.4.4")], &["drop"]);
+        assert_eq!(
+            plan(&a, &b).commands,
+            vec![
+                "delete element ip nftlb m { 1.1.1.1 }",
+                "add element ip nftlb m { 1.1.1.1 : 2.2.2.9 }"
+            ]
+        );
+        assert!(plan(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn plan_from_empty_creates_in_dependency_order() {
+        let b = rs(&[("1.1.1.1", "2.2.2.2")], &["drop"]);
+        assert_eq!(
+            plan(&Ruleset::default(), &b).commands,
+            vec![
+                "add table ip nftlb",
+                "add map ip nftlb m { type ipv4_addr : ipv4_addr; }",
+                "add chain ip nftlb c",
+                "add rule ip nftlb c drop",
+                "add element ip nftlb m { 1.1.1.1 : 2.2.2.2 }",
+            ]
+        );
+        assert_eq!(
+            plan(&b, &Ruleset::default()).commands,
+            vec!["delete table ip nftlb"]
+        );
+    }
+
+    #[test]
+    fn listing_names_are_found() {
+        let text =
+            "table ip nftlb {\n\tmap svc {\n\t\ttype x\n\t}\n\tchain farm-a {\n\t\tdrop\n\t}\n}\n";
+        let (c, m) = parse_listing(text);
+        assert_eq!(c, vec!["farm-a"]);
+        assert_eq!(m, vec![("map".to_string(), "svc".to_string())]);
+    }
+}
