@@ -1,0 +1,428 @@
+//! Bad input is refused with a 4xx and changes nothing: neither the state (GET /farms,
+//! state file) nor the kernel ruleset (`nft list ruleset`, byte for byte).
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+const VIP: &str = "198.18.0.100";
+
+struct Case {
+    what: String,
+    method: &'static str,
+    path: String,
+    headers: Vec<(&'static str, String)>,
+    body: Option<Vec<u8>>,
+}
+
+fn post(what: &str, body: impl Into<Vec<u8>>) -> Case {
+    Case {
+        what: what.to_string(),
+        method: "POST",
+        path: "/farms".into(),
+        headers: vec![],
+        body: Some(body.into()),
+    }
+}
+
+fn post_json(what: &str, v: serde_json::Value) -> Case {
+    post(what, v.to_string())
+}
+
+/// A new farm named `name` that would be valid apart from the name.
+fn named(name: &str) -> serde_json::Value {
+    json!({"farms": [{"name": name, "family": "ipv4", "virtual-addr": "198.18.0.101",
+        "virtual-ports": "80", "mode": "dnat", "backends": [bck("be1", &be4(1))]}]})
+}
+
+/// A new farm `x` with one farm key set to `value`.
+fn new_farm_with(key: &str, value: serde_json::Value) -> serde_json::Value {
+    let mut f = json!({"name": "x", "family": "ipv4", "virtual-addr": "198.18.0.101",
+        "virtual-ports": "80", "mode": "dnat", "backends": [bck("be1", &be4(1))]});
+    f[key] = value;
+    json!({ "farms": [f] })
+}
+
+/// The existing farm `good` with one key changed.
+fn good_with(key: &str, value: serde_json::Value) -> serde_json::Value {
+    let mut f = json!({"name": "good"});
+    f[key] = value;
+    json!({ "farms": [f] })
+}
+
+/// The existing farm's backend be1 with one key changed.
+fn be1_with(key: &str, value: &str) -> serde_json::Value {
+    backend_patch("good", "be1", key, value)
+}
+
+/// A new backend be3 on the existing farm with one key set.
+fn new_backend_with(key: &str, value: &str) -> serde_json::Value {
+    let b = with(bck("be3", "198.18.1.13"), &[(key, value)]);
+    json!({"farms": [{"name": "good", "backends": [b]}]})
+}
+
+fn cases() -> Vec<Case> {
+    let mut c = Vec::new();
+
+    // Injection attempts in names and in other fields that end up in nft text.
+    for (what, name) in [
+        ("name with ';'", "a; flush ruleset"),
+        ("name with double quote", "a\" ; flush ruleset ; \""),
+        ("name with single quote", "a'b"),
+        ("name with newline", "a\nflush ruleset"),
+        ("name with CR", "a\rb"),
+        ("name with opening brace", "a{b"),
+        ("name with closing brace", "a } ; flush ruleset"),
+        ("name with '#'", "a#b"),
+        ("name with space", "a b"),
+        ("name with NUL", "a\u{0}b"),
+        ("empty name", ""),
+    ] {
+        c.push(post_json(what, named(name)));
+    }
+    c.push(post_json("10 KB name", named(&"n".repeat(10 * 1024))));
+    c.push(post_json(
+        "backend name injection",
+        json!({"farms": [{"name": "good", "backends": [bck("b; flush ruleset", "198.18.1.13")]}]}),
+    ));
+    c.push(post_json(
+        "newname injection",
+        good_with("newname", json!("a; flush ruleset")),
+    ));
+    c.push(post_json(
+        "virtual-addr injection",
+        good_with("virtual-addr", json!("198.18.0.100; flush ruleset")),
+    ));
+    c.push(post_json(
+        "virtual-ports injection",
+        good_with("virtual-ports", json!("80; flush ruleset")),
+    ));
+    c.push(post_json(
+        "virtual-ports brace",
+        good_with("virtual-ports", json!("80 }")),
+    ));
+    c.push(post_json(
+        "source-addr injection",
+        good_with("source-addr", json!("198.18.1.1\nflush ruleset")),
+    ));
+    c.push(post_json(
+        "log-prefix injection",
+        good_with("log-prefix", json!("x\" ; flush ruleset ; \"")),
+    ));
+    c.push(post_json(
+        "iface injection",
+        good_with("iface", json!("ethf\"; flush ruleset")),
+    ));
+    c.push(post_json(
+        "mark injection",
+        good_with("mark", json!("0x1; flush ruleset")),
+    ));
+    c.push(post_json(
+        "backend ip-addr injection",
+        be1_with("ip-addr", "198.18.1.11 }"),
+    ));
+    c.push(post_json(
+        "backend source-addr injection",
+        be1_with("source-addr", "1.2.3.4; flush ruleset"),
+    ));
+    c.push(Case {
+        what: "policy name injection".into(),
+        method: "POST",
+        path: "/policies".into(),
+        headers: vec![],
+        body: Some(
+            json!({"policies": [{"name": "p; flush ruleset", "type": "blacklist"}]})
+                .to_string()
+                .into(),
+        ),
+    });
+
+    // Malformed JSON.
+    for (what, body) in [
+        ("truncated JSON", &b"{\"farms\":[{\"name\":\"x\""[..]),
+        ("not JSON", b"not json"),
+        ("empty body", b""),
+        ("trailing comma", b"{\"farms\":[{\"name\":\"x\",}]}"),
+        ("trailing garbage", b"{\"farms\":[{\"name\":\"x\"}]}garbage"),
+        ("invalid UTF-8", b"{\"farms\":[{\"name\":\"\xff\xfe\"}]}"),
+        ("nested too deep", &[b'['; 100_000][..]),
+    ] {
+        c.push(post(what, body.to_vec()));
+    }
+
+    // Wrong types.
+    for (what, v) in [
+        ("farms is an object", json!({"farms": {"name": "x"}})),
+        ("farms is a string", json!({"farms": "x"})),
+        ("top level is an array", json!([{"name": "x"}])),
+        ("top level is a string", json!("farms")),
+        ("farm is null", json!({"farms": [null]})),
+        ("name is an array", json!({"farms": [{"name": ["x"]}]})),
+        (
+            "name is an object",
+            json!({"farms": [{"name": {"a": "b"}}]}),
+        ),
+        ("name is null", json!({"farms": [{"name": null}]})),
+        (
+            "backends is a string",
+            json!({"farms": [{"name": "good", "backends": "be1"}]}),
+        ),
+        (
+            "backend is an array",
+            json!({"farms": [{"name": "good", "backends": [["be1"]]}]}),
+        ),
+        (
+            "virtual-ports is an object",
+            good_with("virtual-ports", json!({"a": 1})),
+        ),
+        ("mode is null", good_with("mode", json!(null))),
+        ("mode is a bool", good_with("mode", json!(true))),
+        (
+            "weight is an array",
+            json!({"farms": [{"name": "good", "backends": [{"name": "be1", "weight": [2]}]}]}),
+        ),
+        ("farm without name", json!({"farms": [{"mode": "snat"}]})),
+    ] {
+        c.push(post_json(what, v));
+    }
+
+    // Unknown keys.
+    c.push(post_json(
+        "unknown farm key",
+        good_with("bogus", json!("1")),
+    ));
+    c.push(post_json("unknown top-level key", json!({"bogus": []})));
+    c.push(post_json("unknown backend key", be1_with("bogus", "1")));
+    c.push(post_json(
+        "unknown key on a new farm",
+        new_farm_with("bogus", json!("1")),
+    ));
+
+    // Unknown or invalid values, on a new farm and on the existing one.
+    for (k, v) in [
+        ("mode", "bogus"),
+        ("family", "ip4"),
+        ("scheduler", "roundrobin"),
+        ("protocol", "icmp"),
+        ("state", "bogus"),
+        ("virtual-addr", "198.18.0.300"),
+        ("virtual-addr", "not-an-ip"),
+        ("virtual-ports", "70000"),
+        ("virtual-ports", "0-70000"),
+        ("virtual-ports", "abc"),
+        ("sched-param", "bogus"),
+        ("persistence", "bogus"),
+        ("persist-ttl", "-5"),
+        ("helper", "bogus"),
+        ("source-addr", "not-an-ip"),
+        ("mark", "0xzz"),
+    ] {
+        c.push(post_json(
+            &format!("new farm {k}={v:?}"),
+            new_farm_with(k, json!(v)),
+        ));
+        c.push(post_json(
+            &format!("existing farm {k}={v:?}"),
+            good_with(k, json!(v)),
+        ));
+    }
+    for (k, v) in [
+        ("weight", "0"),
+        ("weight", "-1"),
+        ("weight", "abc"),
+        ("weight", "1.5"),
+        ("priority", "0"),
+        ("state", "bogus"),
+        ("ip-addr", "999.1.1.1"),
+        ("ip-addr", "not-an-ip"),
+        ("port", "70000"),
+        ("source-addr", "x"),
+    ] {
+        c.push(post_json(&format!("backend {k}={v:?}"), be1_with(k, v)));
+        c.push(post_json(
+            &format!("new backend {k}={v:?}"),
+            new_backend_with(k, v),
+        ));
+    }
+
+    // A request is all or nothing.
+    c.push(post_json(
+        "valid new farm followed by an invalid one",
+        json!({"farms": [named("ok2")["farms"][0].clone(), named("a; flush ruleset")["farms"][0].clone()]}),
+    ));
+    c.push(post_json(
+        "valid change followed by an unknown key",
+        json!({"farms": [{"name": "good", "mode": "snat"}, {"name": "good", "bogus": "1"}]}),
+    ));
+    c.push(post_json(
+        "valid change then invalid backend",
+        json!({"farms": [{"name": "good", "scheduler": "weight",
+            "backends": [bck("be3", "198.18.1.13"), with(bck("be4", "198.18.1.14"), &[("weight", "0")])]}]}),
+    ));
+
+    // Authentication.
+    let doc = good_with("mode", json!("snat")).to_string().into_bytes();
+    c.push(Case {
+        what: "no key".into(),
+        method: "POST",
+        path: "/farms".into(),
+        headers: vec![("Key", String::new())],
+        body: Some(doc.clone()),
+    });
+    c.push(Case {
+        what: "wrong key".into(),
+        method: "POST",
+        path: "/farms".into(),
+        headers: vec![("Key", "wrong".into())],
+        body: Some(doc.clone()),
+    });
+    c.push(Case {
+        what: "wrong key on DELETE".into(),
+        method: "DELETE",
+        path: "/farms/good".into(),
+        headers: vec![("Key", format!("{API_KEY}x"))],
+        body: None,
+    });
+
+    // Wrong paths / unknown objects.
+    for (method, path) in [
+        ("POST", "/farms/good"),
+        ("DELETE", "/farms/nope"),
+        ("DELETE", "/farms/good/backends/nope"),
+        ("DELETE", "/farms/a%3B%20flush%20ruleset"),
+        ("DELETE", "/bogus"),
+    ] {
+        c.push(Case {
+            what: format!("{method} {path}"),
+            method,
+            path: path.into(),
+            headers: vec![],
+            body: if method == "POST" {
+                Some(doc.clone())
+            } else {
+                None
+            },
+        });
+    }
+    c
+}
+
+struct Snapshot {
+    farms: Vec<u8>,
+    ruleset: String,
+    state_file: Option<Vec<u8>>,
+}
+
+fn snapshot(lab: &Lab, d: &Daemon) -> Snapshot {
+    let (st, farms) = d.get_raw("/farms");
+    assert_eq!(st, 200, "GET /farms");
+    Snapshot {
+        farms,
+        ruleset: lab.lb.nft_ruleset(),
+        state_file: std::fs::read(d.state_file()).ok(),
+    }
+}
+
+fn diff(a: &Snapshot, b: &Snapshot) -> Vec<String> {
+    let mut d = Vec::new();
+    if a.farms != b.farms {
+        d.push(format!(
+            "GET /farms changed:\n{}\n--- became ---\n{}",
+            String::from_utf8_lossy(&a.farms),
+            String::from_utf8_lossy(&b.farms)
+        ));
+    }
+    if a.ruleset != b.ruleset {
+        d.push(format!(
+            "ruleset changed:\n{}\n--- became ---\n{}",
+            a.ruleset, b.ruleset
+        ));
+    }
+    if a.state_file != b.state_file {
+        d.push("state file changed".into());
+    }
+    d
+}
+
+fn setup(lab: &Lab) -> Daemon<'_> {
+    lab.add_vip(VIP);
+    lab.serve_tcp(80);
+    let d = Daemon::start(&lab.lb);
+    d.apply(&farms_doc(farm(
+        "good",
+        &[
+            ("family", "ipv4"),
+            ("virtual-addr", VIP),
+            ("virtual-ports", "80"),
+            ("protocol", "tcp"),
+            ("mode", "dnat"),
+            ("scheduler", "rr"),
+        ],
+        v4_backends(2),
+    )));
+    assert!(lab.tcp(VIP, 80).is_ok());
+    d
+}
+
+#[test]
+fn bad_requests_get_4xx_and_change_nothing() {
+    let lab = Lab::new(2);
+    let d = setup(&lab);
+    let mut base = snapshot(&lab, &d);
+    let cases = cases();
+    let mut failures = Vec::new();
+    for case in &cases {
+        let headers: Vec<(&str, &str)> =
+            case.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        match d.try_request(case.method, &case.path, &headers, case.body.as_deref()) {
+            Ok(r) if (400..500).contains(&r.status) => {}
+            Ok(r) => failures.push(format!(
+                "{}: status {} (want 4xx), body {}",
+                case.what,
+                r.status,
+                tail(&r.text(), 300)
+            )),
+            Err(e) => failures.push(format!("{}: no HTTP response: {e}", case.what)),
+        }
+        let now = snapshot(&lab, &d);
+        let changes = diff(&base, &now);
+        if !changes.is_empty() {
+            failures.push(format!("{}: {}", case.what, changes.join("\n")));
+            base = now; // report each offender once, not every later case
+        }
+    }
+    // The service still works.
+    let r = lab.tcp_many(VIP, 80, 2);
+    assert_eq!(counts(&names(&r)), expect_counts(&[("be1", 1), ("be2", 1)]));
+    assert!(
+        failures.is_empty(),
+        "{} of {} bad requests misbehaved:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
+}
+
+#[test]
+fn huge_body_is_refused() {
+    let lab = Lab::new(2);
+    let d = setup(&lab);
+    let base = snapshot(&lab, &d);
+    let body = format!("{{\"farms\":[{{\"name\":\"{}\"}}]}}", "a".repeat(8 << 20));
+    let r = d.try_request("POST", "/farms", &[], Some(body.as_bytes()));
+    match &r {
+        Ok(r) => assert!(
+            (400..500).contains(&r.status),
+            "8 MiB body: status {}",
+            r.status
+        ),
+        Err(e) => panic!("8 MiB body: no HTTP response: {e}"),
+    }
+    let now = snapshot(&lab, &d);
+    let changes = diff(&base, &now);
+    assert!(changes.is_empty(), "{}", changes.join("\n"));
+    // Still serving the API and traffic.
+    assert_eq!(d.get("/farms").0, 200);
+    assert!(lab.tcp(VIP, 80).is_ok());
+}
