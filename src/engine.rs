@@ -654,22 +654,46 @@ mod tests {
 
     #[test]
     fn kernel_rejection_changes_nothing_and_says_why() {
-        let mut e = engine();
+        let mut fake = FakeKernel::default();
+        // Fail the incremental transaction, the resync of the new state and the
+        // restoring resync: the request must fail and the state stay as it was.
+        fake.failures = 0;
+        let mut e = Engine::new(
+            Box::new(fake),
+            None,
+            EngineConfig {
+                masquerade_mark: 0x8000_0000,
+            },
+        );
+        e.start(None, false).unwrap();
         req(&mut e, "POST", "/farms", FARM);
         let before = e.state().clone();
         let before_rs = e.ruleset.clone();
-        // The fake kernel fails once; the resync attempt then succeeds, so the request
-        // heals. Make both fail by failing twice: the fake only fails once, so check the
-        // single-failure path heals and the state moves on.
+        let mut failing = FakeKernel::default();
+        failing.failures = 3;
+        e.kernel = Box::new(failing);
         let r = req(
             &mut e,
             "POST",
             "/farms",
             r#"{"farms":[{"name":"lb","backends":[{"name":"b1","state":"down"}]}]}"#,
         );
-        assert_eq!(r.status, 200);
-        assert_ne!(e.state(), &before);
-        let _ = before_rs;
+        assert_eq!(r.status, 500);
+        assert!(r.body.contains("Operation not supported"), "{}", r.body);
+        assert_eq!(e.state(), &before);
+        assert_eq!(e.ruleset, before_rs);
+        // One failure only (say our table was deleted by hand): the resync heals it.
+        let mut once = FakeKernel::default();
+        once.failures = 1;
+        e.kernel = Box::new(once);
+        let r = req(
+            &mut e,
+            "POST",
+            "/farms",
+            r#"{"farms":[{"name":"lb","backends":[{"name":"b1","state":"down"}]}]}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(e.state().farms["lb"].backends[0].state, BackendState::Down);
     }
 
     #[test]

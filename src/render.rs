@@ -8,8 +8,9 @@
 //!   and the lookup cost does not depend on the number of farms.
 //! - Each served farm has a small chain (`farm-NAME`, `farmp-NAME` for its port-only
 //!   addresses) holding its scheduler: `dnat to l4proto . vip . port . <sched> mod W map @bk…`.
-//!   The backend choice lives in shared maps (`bk`, `bki`, `bkp`, `bkpi`) whose elements
-//!   are `l4proto . vip . port-range . bucket-range : backend`, so a backend change touches
+//!   The backend choice lives in shared maps (`bk_tcp`, `bkp_udp`, ...: per protocol,
+//!   VIP or port-only, with or without backend port) whose elements are
+//!   `vip . port-range . bucket-range : backend`, so a backend change touches
 //!   only that farm's elements and its one-line chain.
 //! - `postrouting` (nat, srcnat) applies per-backend or per-farm source addresses from the
 //!   `srcaddr`/`srcaddrp` maps (keyed on the original destination and the chosen backend), then
@@ -92,38 +93,40 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         "svcp".into(),
         map("type inet_proto . inet_service : verdict; flags interval;".into()),
     );
-    // The bucket is typed like numgen's result (a 32-bit integer); the modulus in the
-    // declaration does not matter. The data is declared with `tcp dport` only to give
-    // it the port type: `th dport` there makes nft 1.0.6 refuse rules that match a
-    // protocol, and `ct proto-dst` corrupts the element values. It serves every protocol.
-    for (name, key, data) in [
-        (
-            "bk",
-            format!("meta l4proto . {ip} daddr . th dport"),
-            format!("{ip} daddr . tcp dport"),
-        ),
-        (
-            "bki",
-            format!("meta l4proto . {ip} daddr . th dport"),
-            format!("{ip} daddr"),
-        ),
-        (
-            "bkp",
-            "meta l4proto . th dport".to_string(),
-            format!("{ip} daddr . tcp dport"),
-        ),
-        (
-            "bkpi",
-            "meta l4proto . th dport".to_string(),
-            format!("{ip} daddr"),
-        ),
-    ] {
-        t.maps.insert(
-            name.into(),
-            map(format!(
-                "typeof {key} . numgen inc mod 1 : {data}; flags interval;"
-            )),
-        );
+    // Backend maps, one set per transport protocol so that each is declared with that
+    // protocol's port field (nft 1.0.6 refuses a port mapping whose map is declared with
+    // `th dport` after a protocol match). The bucket is typed like numgen's result (a
+    // 32-bit integer); the modulus in the declaration does not matter.
+    for p in ["tcp", "udp", "sctp"] {
+        for (name, key, data) in [
+            (
+                bk_map(false, true, p),
+                format!("{ip} daddr . {p} dport"),
+                format!("{ip} daddr . {p} dport"),
+            ),
+            (
+                bk_map(false, false, p),
+                format!("{ip} daddr . {p} dport"),
+                format!("{ip} daddr"),
+            ),
+            (
+                bk_map(true, true, p),
+                format!("{p} dport"),
+                format!("{ip} daddr . {p} dport"),
+            ),
+            (
+                bk_map(true, false, p),
+                format!("{p} dport"),
+                format!("{ip} daddr"),
+            ),
+        ] {
+            t.maps.insert(
+                name,
+                map(format!(
+                    "typeof {key} . numgen inc mod 1 : {data}; flags interval;"
+                )),
+            );
+        }
     }
     t.maps.insert(
         "srcaddr".into(),
@@ -160,6 +163,18 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         },
     );
     t
+}
+
+/// Name of the backend map for port-only or VIP services, with or without backend
+/// ports, for transport protocol `p`.
+fn bk_map(port_only: bool, with_port: bool, p: &str) -> String {
+    let base = match (port_only, with_port) {
+        (false, true) => "bk",
+        (false, false) => "bki",
+        (true, true) => "bkp",
+        (true, false) => "bkpi",
+    };
+    format!("{base}_{p}")
 }
 
 /// The scheduler expression for `modulus` buckets in a rule for transport protocol `p`.
@@ -290,11 +305,10 @@ fn render_farm(
         if group.is_empty() {
             continue;
         }
-        let (chain_name, svc_map, bk_map) = match (port_only, with_port) {
-            (false, true) => (farm_chain(&farm.name), "svc", "bk"),
-            (false, false) => (farm_chain(&farm.name), "svc", "bki"),
-            (true, true) => (farm_port_chain(&farm.name), "svcp", "bkp"),
-            (true, false) => (farm_port_chain(&farm.name), "svcp", "bkpi"),
+        let (chain_name, svc_map) = if port_only {
+            (farm_port_chain(&farm.name), "svcp")
+        } else {
+            (farm_chain(&farm.name), "svc")
         };
         let mut protos: Vec<&'static str> = Vec::new();
         for a in &group {
@@ -307,6 +321,10 @@ fn render_farm(
                         Some(vip) => format!("{p} . {vip} . {r}"),
                         None => format!("{p} . {r}"),
                     };
+                    let bk_key = match a.ip_addr {
+                        Some(vip) => format!("{vip} . {r}"),
+                        None => r.to_string(),
+                    };
                     t.maps
                         .get_mut(svc_map)
                         .expect("base map")
@@ -318,10 +336,10 @@ fn render_farm(
                             _ => s.ip.to_string(),
                         };
                         t.maps
-                            .get_mut(bk_map)
+                            .get_mut(&bk_map(port_only, with_port, p))
                             .expect("base map")
                             .elements
-                            .insert(format!("{svc_key} . {}", bucket(s.lo, s.hi)), data);
+                            .insert(format!("{bk_key} . {}", bucket(s.lo, s.hi)), data);
                         // Source address for this farm and backend (snat mode only).
                         let src = s
                             .backend
@@ -360,13 +378,14 @@ fn render_farm(
             // nft 1.0.6 refuses the port mapping after a protocol match.
             for p in &protos {
                 let key = if port_only {
-                    format!("meta l4proto . {p} dport")
+                    format!("{p} dport")
                 } else {
-                    format!("meta l4proto . {ip} daddr . {p} dport")
+                    format!("{ip} daddr . {p} dport")
                 };
                 let sched = sched_expr(farm, fam, p, total);
                 rules.push(format!(
-                    "meta l4proto {p} {masq}dnat {ip} to {key} . {sched} map @{bk_map}"
+                    "meta l4proto {p} {masq}dnat {ip} to {key} . {sched} map @{}",
+                    bk_map(port_only, with_port, p)
                 ));
             }
         }

@@ -7,14 +7,17 @@ use super::{Kernel, KernelError};
 pub struct FakeKernel {
     /// Transactions applied so far.
     pub applied: Vec<String>,
-    /// When set, the next apply fails with this message (and is not recorded).
-    pub fail_next: Option<String>,
+    /// While non-zero, applies fail (and are not recorded); each failure counts down.
+    pub failures: usize,
 }
 
 impl Kernel for FakeKernel {
     fn apply(&mut self, commands: &str) -> Result<(), KernelError> {
-        if let Some(msg) = self.fail_next.take() {
-            return Err(KernelError::Rejected(msg));
+        if self.failures > 0 {
+            self.failures -= 1;
+            return Err(KernelError::Rejected(
+                "Error: Could not process rule: Operation not supported".into(),
+            ));
         }
         self.applied.push(commands.to_string());
         Ok(())

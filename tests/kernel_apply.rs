@@ -1,0 +1,272 @@
+//! The engine against a real kernel (in throwaway network namespaces, as root):
+//! every incremental transaction is accepted, and after each step the kernel holds
+//! exactly what a from-scratch start with the same state produces.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use nftlb::engine::{Engine, EngineConfig, Request};
+use nftlb::kernel::{Kernel, KernelError};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A network namespace removed on drop.
+struct Ns(String);
+
+impl Ns {
+    fn new() -> Ns {
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "kernel tests need root (CI runs as root)"
+        );
+        let name = format!(
+            "nlbk-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip netns add {name}");
+        Ns(name)
+    }
+    fn nft(&self, stdin: &str, args: &[&str]) -> Result<String, String> {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+    /// Our tables as nft lists them, with each table's maps and chains sorted by name
+    /// (the kernel lists chains in creation order, which differs between histories).
+    fn listing(&self) -> String {
+        let mut s = String::new();
+        for fam in ["ip", "ip6"] {
+            let text = self
+                .nft("", &["list", "table", fam, "nftlb"])
+                .unwrap_or_default();
+            let mut blocks: Vec<String> = Vec::new();
+            for line in text.lines() {
+                if line.starts_with("\t") && !line.starts_with("\t\t") && line.ends_with('{') {
+                    blocks.push(String::new());
+                }
+                if let Some(b) = blocks.last_mut() {
+                    if !line.trim().is_empty() && line != "}" {
+                        b.push_str(line);
+                        b.push('\n');
+                    }
+                }
+            }
+            // Element order in a listing depends on insertion history too: sort it.
+            let blocks: Vec<String> = blocks
+                .into_iter()
+                .map(|b| {
+                    if !b.starts_with("\tmap") && !b.starts_with("\tset") {
+                        return b;
+                    }
+                    let mut head = Vec::new();
+                    let mut elems = Vec::new();
+                    let mut in_elems = false;
+                    for l in b.lines() {
+                        let t = l.trim();
+                        if let Some(rest) = t.strip_prefix("elements = {") {
+                            in_elems = true;
+                            elems.push(rest.trim().to_string());
+                        } else if in_elems {
+                            elems.push(t.to_string());
+                        } else {
+                            head.push(l.to_string());
+                        }
+                    }
+                    let mut elems: Vec<String> = elems
+                        .iter()
+                        .map(|e| {
+                            e.trim_end_matches('}')
+                                .trim()
+                                .trim_end_matches(',')
+                                .to_string()
+                        })
+                        .collect();
+                    elems.sort();
+                    format!("{}\n{}\n", head.join("\n"), elems.join("\n"))
+                })
+                .collect();
+            let mut blocks = blocks;
+            blocks.sort();
+            s += &format!("table {fam} nftlb\n{}", blocks.concat());
+        }
+        s
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+/// `nft -f -` inside a namespace.
+struct NsKernel(String);
+
+impl Kernel for NsKernel {
+    fn apply(&mut self, commands: &str) -> Result<(), KernelError> {
+        Ns(self.0.clone())
+            .nft_keep(commands, &["-f", "-"])
+            .map(|_| ())
+            .map_err(KernelError::Rejected)
+    }
+    fn list(&mut self, command: &str) -> Result<String, KernelError> {
+        Ns(self.0.clone())
+            .nft_keep(command, &["-t", "-f", "-"])
+            .map_err(KernelError::Rejected)
+    }
+    fn name(&self) -> &'static str {
+        "netns-cli"
+    }
+}
+
+impl Ns {
+    /// Runs nft without deleting the namespace afterwards (for temporary handles).
+    fn nft_keep(self, stdin: &str, args: &[&str]) -> Result<String, String> {
+        let r = self.nft(stdin, args);
+        std::mem::forget(self);
+        r
+    }
+}
+
+fn engine(ns: &Ns) -> Engine {
+    let mut e = Engine::new(
+        Box::new(NsKernel(ns.0.clone())),
+        None,
+        EngineConfig {
+            masquerade_mark: 0x8000_0000,
+        },
+    );
+    e.start(None, false).expect("start");
+    e
+}
+
+fn send(e: &mut Engine, method: &str, path: &str, body: &str) -> u16 {
+    let r = e.handle(&Request {
+        method: method.into(),
+        path: path.into(),
+        body: body.as_bytes().to_vec(),
+    });
+    assert!(r.status < 500, "{method} {path}: {}", r.body);
+    r.status
+}
+
+#[test]
+fn incremental_changes_equal_a_fresh_start() {
+    let a = Ns::new();
+    let mut e = engine(&a);
+    let steps: Vec<(&str, &str, String)> = vec![
+        ("POST", "/farms", r#"{"farms":[{"name":"web","virtual-addr":"198.18.0.100","virtual-ports":"80,443,8000-8100",
+            "protocol":"all","scheduler":"weight","backends":[{"name":"a","ip-addr":"198.18.1.11","weight":"2"},
+            {"name":"b","ip-addr":"198.18.1.12","weight":"3"}]}]}"#.into()),
+        ("POST", "/farms", r#"{"farms":[{"name":"dns","family":"inet","virtual-ports":"53","protocol":"udp","mode":"dnat",
+            "scheduler":"hash","sched-param":"srcip srcport","backends":[{"name":"v4","ip-addr":"198.18.1.21","port":"5353"},
+            {"name":"v6","ip-addr":"2001:2:0:1::21","port":"5353"}]}]}"#.into()),
+        ("POST", "/farms", r#"{"farms":[{"name":"web","source-addr":"198.18.1.2","backends":[{"name":"b","state":"off"},
+            {"name":"c","ip-addr":"198.18.1.13","priority":"2","source-addr":"198.18.1.3"}]}]}"#.into()),
+        ("POST", "/farms", r#"{"farms":[{"name":"v6","family":"ipv6","virtual-addr":"2001:2::100","virtual-ports":"443",
+            "scheduler":"symhash","backends":[{"name":"a","ip-addr":"2001:2:0:1::11"}]}]}"#.into()),
+        ("POST", "/farms", r#"{"farms":[{"name":"web","scheduler":"rr","backends":[{"name":"a","state":"down"}]}]}"#.into()),
+        ("DELETE", "/farms/web/backends/a", String::new()),
+        ("POST", "/farms", r#"{"farms":[{"name":"dns","state":"off"}]}"#.into()),
+        ("POST", "/farms", r#"{"farms":[{"name":"v6","newname":"v6b"}]}"#.into()),
+        ("DELETE", "/farms/web", String::new()),
+        ("POST", "/farms", r#"{"farms":[{"name":"dns","state":"up","virtual-ports":"53,5300-5399"}]}"#.into()),
+    ];
+    for (i, (m, p, body)) in steps.iter().enumerate() {
+        assert_eq!(send(&mut e, m, p, body), 200, "step {i}");
+        // A fresh namespace started from the same state must hold the same ruleset.
+        let b = Ns::new();
+        let mut fresh = Engine::new(
+            Box::new(NsKernel(b.0.clone())),
+            None,
+            EngineConfig {
+                masquerade_mark: 0x8000_0000,
+            },
+        );
+        let doc = nftlb::document::state_document(e.state());
+        fresh.start(Some(&doc), false).expect("fresh start");
+        assert_eq!(a.listing(), b.listing(), "after step {i}: {m} {p}");
+    }
+    // Deleting everything leaves empty base tables only.
+    assert_eq!(send(&mut e, "DELETE", "/farms", ""), 200);
+    let l = a.listing();
+    assert!(!l.contains("farm"), "{l}");
+    assert!(!l.contains("goto"), "{l}");
+}
+
+#[test]
+fn restart_resyncs_in_place_and_removes_leftovers() {
+    let a = Ns::new();
+    let mut e = engine(&a);
+    send(
+        &mut e,
+        "POST",
+        "/farms",
+        r#"{"farms":[{"name":"x","virtual-addr":"198.18.0.1","virtual-ports":"80",
+        "backends":[{"name":"a","ip-addr":"198.18.1.1"}]},{"name":"y","virtual-addr":"198.18.0.2",
+        "virtual-ports":"80","backends":[{"name":"a","ip-addr":"198.18.1.1"}]}]}"#,
+    );
+    let before = a.listing();
+    // A foreign table must survive everything we do.
+    a.nft(
+        "table ip other {\n chain c {\n counter\n }\n}\n",
+        &["-f", "-"],
+    )
+    .unwrap();
+    // Restart with only farm x: y's chain and elements go, in one transaction, and the
+    // kernel equals a fresh start with x alone.
+    let mut st = e.state().clone();
+    st.farms.shift_remove("y");
+    let doc = nftlb::document::state_document(&st);
+    let mut e2 = Engine::new(
+        Box::new(NsKernel(a.0.clone())),
+        None,
+        EngineConfig {
+            masquerade_mark: 0x8000_0000,
+        },
+    );
+    e2.start(Some(&doc), false).unwrap();
+    let after = a.listing();
+    assert_ne!(before, after);
+    assert!(!after.contains("farm-y"), "{after}");
+    assert!(after.contains("farm-x"), "{after}");
+    let b = Ns::new();
+    let mut fresh = Engine::new(
+        Box::new(NsKernel(b.0.clone())),
+        None,
+        EngineConfig {
+            masquerade_mark: 0x8000_0000,
+        },
+    );
+    fresh.start(Some(&doc), false).unwrap();
+    assert_eq!(after, b.listing());
+    assert!(a
+        .nft("", &["list", "table", "ip", "other"])
+        .unwrap()
+        .contains("counter"));
+}
