@@ -654,12 +654,10 @@ mod tests {
 
     #[test]
     fn kernel_rejection_changes_nothing_and_says_why() {
-        let mut fake = FakeKernel::default();
         // Fail the incremental transaction, the resync of the new state and the
         // restoring resync: the request must fail and the state stay as it was.
-        fake.failures = 0;
         let mut e = Engine::new(
-            Box::new(fake),
+            Box::new(FakeKernel::default()),
             None,
             EngineConfig {
                 masquerade_mark: 0x8000_0000,
@@ -669,9 +667,10 @@ mod tests {
         req(&mut e, "POST", "/farms", FARM);
         let before = e.state().clone();
         let before_rs = e.ruleset.clone();
-        let mut failing = FakeKernel::default();
-        failing.failures = 3;
-        e.kernel = Box::new(failing);
+        e.kernel = Box::new(FakeKernel {
+            failures: 3,
+            ..Default::default()
+        });
         let r = req(
             &mut e,
             "POST",
@@ -683,9 +682,10 @@ mod tests {
         assert_eq!(e.state(), &before);
         assert_eq!(e.ruleset, before_rs);
         // One failure only (say our table was deleted by hand): the resync heals it.
-        let mut once = FakeKernel::default();
-        once.failures = 1;
-        e.kernel = Box::new(once);
+        e.kernel = Box::new(FakeKernel {
+            failures: 1,
+            ..Default::default()
+        });
         let r = req(
             &mut e,
             "POST",

@@ -220,9 +220,12 @@ pub fn plan(old: &Ruleset, new: &Ruleset) -> Transaction {
     tx
 }
 
+/// What a kernel listing of one table holds: chain names and (kind, name) of maps/sets.
+pub type Listing = (Vec<String>, Vec<(String, String)>);
+
 /// Names of chains and maps found in a kernel listing of one of our tables
 /// (`nft -t list table …` text), used at start-up to find leftovers.
-pub fn parse_listing(text: &str) -> (Vec<String>, Vec<(String, String)>) {
+pub fn parse_listing(text: &str) -> Listing {
     let mut chains = Vec::new();
     let mut maps = Vec::new();
     for line in text.lines() {
@@ -243,10 +246,7 @@ pub fn parse_listing(text: &str) -> (Vec<String>, Vec<(String, String)>) {
 /// tables are in (start-up and recovery). It never deletes a table: existing objects
 /// are re-declared (a no-op when they match), chains and maps are flushed and refilled in
 /// the same transaction, and leftovers listed in `present` are removed.
-pub fn resync(
-    desired: &Ruleset,
-    present: &BTreeMap<TableFamily, (Vec<String>, Vec<(String, String)>)>,
-) -> Transaction {
+pub fn resync(desired: &Ruleset, present: &BTreeMap<TableFamily, Listing>) -> Transaction {
     let mut tx = Transaction::default();
     let c = &mut tx.commands;
     for (fam, t) in &desired.tables {

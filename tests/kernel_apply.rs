@@ -270,3 +270,42 @@ fn restart_resyncs_in_place_and_removes_leftovers() {
         .unwrap()
         .contains("counter"));
 }
+
+#[test]
+fn more_backends_than_the_originals_4095_mark_limit() {
+    // 10 farms x 500 backends = 5,000 backends; the original runs out of 12-bit marks at
+    // 4,095. Here backends are map elements, so the count is bounded only by memory.
+    let a = Ns::new();
+    let mut e = engine(&a);
+    let mut farms = Vec::new();
+    for f in 0..10 {
+        let backends: Vec<String> = (0..500)
+            .map(|b| {
+                format!(
+                    r#"{{"name":"b{b}","ip-addr":"198.18.{}.{}","port":"8080"}}"#,
+                    100 + f,
+                    b % 250 + 1
+                )
+            })
+            .collect();
+        farms.push(format!(
+            r#"{{"name":"f{f}","virtual-addr":"198.18.0.{}","virtual-ports":"80","scheduler":"weight","backends":[{}]}}"#,
+            f + 1,
+            backends.join(",")
+        ));
+    }
+    let body = format!(r#"{{"farms":[{}]}}"#, farms.join(","));
+    assert_eq!(send(&mut e, "POST", "/farms", &body), 200);
+    let out = a
+        .nft("", &["list", "map", "ip", "nftlb", "bk_tcp"])
+        .unwrap();
+    assert_eq!(
+        out.matches(" . 8080").count(),
+        5000,
+        "backend elements in the kernel"
+    );
+    let chain = a
+        .nft("", &["list", "chain", "ip", "nftlb", "farm-f9"])
+        .unwrap();
+    assert!(chain.contains("numgen random mod 500"), "{chain}");
+}
