@@ -404,6 +404,48 @@ fn bad_requests_get_4xx_and_change_nothing() {
     );
 }
 
+/// The documents the bad cases are derived from are valid: each bad case differs from an
+/// accepted request only in its bad part, so its rejection is not an accident.
+#[test]
+fn control_documents_are_accepted() {
+    let lab = Lab::new(2);
+    let d = setup(&lab);
+    let two = json!({"farms": [named("ok2")["farms"][0].clone(), {
+        "name": "ok3", "virtual-addr": "198.18.0.102", "virtual-ports": "80", "mode": "dnat",
+        "backends": [bck("be1", &be4(1))]}]});
+    for (what, doc, cleanup) in [
+        ("named", named("ctl"), Some("/farms/ctl")),
+        (
+            "new farm",
+            new_farm_with("mode", json!("snat")),
+            Some("/farms/x"),
+        ),
+        (
+            "existing farm",
+            good_with("scheduler", json!("weight")),
+            None,
+        ),
+        ("existing backend", be1_with("weight", "2"), None),
+        (
+            "new backend",
+            new_backend_with("weight", "2"),
+            Some("/farms/good/backends/be3"),
+        ),
+        ("two farms", two, Some("/farms/ok2")),
+    ] {
+        let (st, body) = d.post("/farms", &doc);
+        assert_eq!(st, 200, "{what}: {doc} -> {body}");
+        if let Some(path) = cleanup {
+            d.delete_ok(path);
+        }
+    }
+    let (st, body) = d.post(
+        "/policies",
+        &json!({"policies": [{"name": "p1", "type": "blacklist"}]}),
+    );
+    assert_eq!(st, 200, "policy: {body}");
+}
+
 #[test]
 fn huge_body_is_refused() {
     let lab = Lab::new(2);
