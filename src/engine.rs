@@ -103,6 +103,7 @@ pub struct Engine {
     kernel: Box<dyn Kernel>,
     store: Option<Store>,
     cfg: EngineConfig,
+    fallbacks: u64,
 }
 
 impl Engine {
@@ -114,7 +115,14 @@ impl Engine {
             kernel,
             store,
             cfg,
+            fallbacks: 0,
         }
+    }
+
+    /// How many incremental transactions the kernel refused so that a full
+    /// resynchronisation had to stand in (should stay 0; tests check it).
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks
     }
 
     fn parse_cfg(&self) -> ParseConfig {
@@ -211,17 +219,21 @@ impl Engine {
 
     /// Validates, renders, applies and persists `next`. On failure nothing changes.
     fn commit(&mut self, next: State, mut notes: Vec<String>) -> Result<Vec<String>, Failure> {
+        let t0 = Instant::now();
         next.validate()
             .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
         let (rs, render_notes) = render(&next, &self.render_cfg());
         notes.extend(render_notes);
+        let t1 = Instant::now();
         let tx = plan(&self.ruleset, &rs);
+        let t2 = Instant::now();
         if !tx.is_empty() {
             tracing::debug!("transaction:\n{}", tx.to_text());
             if let Err(e) = self.kernel.apply(&tx.to_text()) {
                 // Our tables may have been changed behind our back (for example deleted by
                 // hand): bring them to the new state from scratch, in one transaction.
                 tracing::warn!("incremental transaction failed ({e}); resynchronising");
+                self.fallbacks += 1;
                 if let Err(e2) = self.resync_kernel(&rs) {
                     let back = self.ruleset.clone();
                     if let Err(e3) = self.resync_kernel(&back) {
@@ -231,6 +243,7 @@ impl Engine {
                 }
             }
         }
+        let t3 = Instant::now();
         if let Some(store) = &self.store {
             if let Err(e) = store.save(&document::state_document(&next)) {
                 // Undo the kernel change so that memory, kernel and file agree.
@@ -243,6 +256,14 @@ impl Engine {
                 return Err(Failure::new(500, "error saving state", e));
             }
         }
+        tracing::debug!(
+            validate_render_us = (t1 - t0).as_micros() as u64,
+            plan_us = (t2 - t1).as_micros() as u64,
+            kernel_us = (t3 - t2).as_micros() as u64,
+            store_us = t3.elapsed().as_micros() as u64,
+            commands = tx.commands.len(),
+            "committed"
+        );
         self.state = next;
         self.ruleset = rs;
         Ok(notes)

@@ -211,12 +211,11 @@ struct Slot<'a> {
     hi: u32,
 }
 
+/// A bucket range, always written `lo-hi`: nft 1.0.6 encodes a single value of this
+/// host-endian field differently when deleting than when adding, so `delete element` of
+/// `… . 1` fails with ENOENT while `… . 1-1` round-trips.
 fn bucket(lo: u32, hi: u32) -> String {
-    if lo == hi {
-        lo.to_string()
-    } else {
-        format!("{lo}-{hi}")
-    }
+    format!("{lo}-{hi}")
 }
 
 /// Renders the whole state. Also returns notes about accepted but unrendered settings.

@@ -48,9 +48,10 @@ impl Store {
         fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let tmp = self.path.with_extension("json.tmp");
         let write = || -> std::io::Result<()> {
+            let mut text = serde_json::to_vec(doc)?;
+            text.push(b'\n');
             let mut f = File::create(&tmp)?;
-            serde_json::to_writer(&mut f, doc)?;
-            f.write_all(b"\n")?;
+            f.write_all(&text)?;
             f.sync_all()?;
             fs::rename(&tmp, &self.path)?;
             File::open(dir)?.sync_all()

@@ -199,6 +199,7 @@ fn incremental_changes_equal_a_fresh_start() {
     ];
     for (i, (m, p, body)) in steps.iter().enumerate() {
         assert_eq!(send(&mut e, m, p, body), 200, "step {i}");
+        assert_eq!(e.fallbacks(), 0, "step {i} needed a full resync");
         // A fresh namespace started from the same state must hold the same ruleset.
         let b = Ns::new();
         let mut fresh = Engine::new(
@@ -296,6 +297,14 @@ fn more_backends_than_the_originals_4095_mark_limit() {
     }
     let body = format!(r#"{{"farms":[{}]}}"#, farms.join(","));
     assert_eq!(send(&mut e, "POST", "/farms", &body), 200);
+    // Take one backend out of every farm: 10 farms' buckets are rewritten in place.
+    let down: Vec<String> = (0..10)
+        .map(|f| format!(r#"{{"name":"f{f}","backends":[{{"name":"b7","state":"down"}}]}}"#))
+        .collect();
+    let body = format!(r#"{{"farms":[{}]}}"#, down.join(","));
+    assert_eq!(send(&mut e, "POST", "/farms", &body), 200);
+    assert_eq!(send(&mut e, "POST", "/farms", &body.replace("down", "up")), 200);
+    assert_eq!(e.fallbacks(), 0);
     let out = a
         .nft("", &["list", "map", "ip", "nftlb", "bk_tcp"])
         .unwrap();
