@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use crate::document::{self, ApplyMode, DocError, ParseConfig, View};
 use crate::kernel::{Kernel, KernelError};
 use crate::model::*;
-use crate::render::{render, RenderConfig};
+use crate::render::{render, RenderConfig, Slots};
 use crate::ruleset::{parse_listing, plan, resync, Ruleset, TableFamily, TABLE};
 use crate::store::Store;
 
@@ -99,6 +99,7 @@ pub struct EngineConfig {
 /// The single writer.
 pub struct Engine {
     state: State,
+    slots: Slots,
     ruleset: Ruleset,
     kernel: Box<dyn Kernel>,
     store: Option<Store>,
@@ -111,6 +112,7 @@ impl Engine {
     pub fn new(kernel: Box<dyn Kernel>, store: Option<Store>, cfg: EngineConfig) -> Self {
         Engine {
             state: State::default(),
+            slots: Slots::default(),
             ruleset: Ruleset::default(),
             kernel,
             store,
@@ -142,18 +144,26 @@ impl Engine {
         &self.state
     }
 
+    /// What the state file holds for the current state (state document and slots).
+    pub fn saved(&self) -> Value {
+        saved_form(&self.state, &self.slots)
+    }
+
     /// Loads the saved state (unless `use_store` is false) and `config` on top, then
     /// brings the kernel to it in one transaction without deleting our tables, so that
     /// established connections and dynamic maps survive a restart.
     pub fn start(&mut self, config: Option<&Value>, use_store: bool) -> Result<(), String> {
         let started = Instant::now();
         let mut st = State::default();
+        let mut slots = Slots::default();
         let pcfg = self.parse_cfg();
         if use_store {
             if let Some(store) = &self.store {
-                if let Some(doc) = store.load()? {
+                if let Some(saved) = store.load()? {
+                    let (doc, saved_slots) = split_saved(saved);
                     document::apply_document(&mut st, &doc, &ApplyMode::Upsert, &pcfg)
                         .map_err(|e| format!("state file {}: {e}", store.path().display()))?;
+                    slots = saved_slots;
                 }
             }
         }
@@ -162,14 +172,15 @@ impl Engine {
                 .map_err(|e| format!("configuration: {e}"))?;
         }
         st.validate().map_err(|e| format!("configuration: {e}"))?;
-        let (rs, notes) = render(&st, &self.render_cfg());
+        slots.sync(&st).map_err(|e| format!("configuration: {e}"))?;
+        let (rs, notes) = render(&st, &slots, &self.render_cfg());
         for n in &notes {
             tracing::warn!("{n}");
         }
         self.resync_kernel(&rs)?;
         if use_store && config.is_some() {
             if let Some(store) = &self.store {
-                store.save(&document::state_document(&st))?;
+                store.save(&saved_form(&st, &slots))?;
             }
         }
         tracing::info!(
@@ -178,6 +189,7 @@ impl Engine {
             "kernel in sync with the desired state"
         );
         self.state = st;
+        self.slots = slots;
         self.ruleset = rs;
         Ok(())
     }
@@ -222,7 +234,11 @@ impl Engine {
         let t0 = Instant::now();
         next.validate()
             .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
-        let (rs, render_notes) = render(&next, &self.render_cfg());
+        let mut slots = self.slots.clone();
+        slots
+            .sync(&next)
+            .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
+        let (rs, render_notes) = render(&next, &slots, &self.render_cfg());
         notes.extend(render_notes);
         let t1 = Instant::now();
         let tx = plan(&self.ruleset, &rs);
@@ -245,7 +261,7 @@ impl Engine {
         }
         let t3 = Instant::now();
         if let Some(store) = &self.store {
-            if let Err(e) = store.save(&document::state_document(&next)) {
+            if let Err(e) = store.save(&saved_form(&next, &slots)) {
                 // Undo the kernel change so that memory, kernel and file agree.
                 let undo = plan(&rs, &self.ruleset);
                 if let Err(ke) = self.kernel.apply(&undo.to_text()) {
@@ -265,6 +281,7 @@ impl Engine {
             "committed"
         );
         self.state = next;
+        self.slots = slots;
         self.ruleset = rs;
         Ok(notes)
     }
@@ -565,6 +582,31 @@ impl Engine {
             _ => return Err(Failure::new(400, "invalid request", "unknown path")),
         }
         self.commit(next, Vec::new())
+    }
+}
+
+/// What the state file holds: the state document and the bucket allocation.
+fn saved_form(state: &State, slots: &Slots) -> Value {
+    let mut m = Map::new();
+    m.insert("state".into(), document::state_document(state));
+    m.insert(
+        "slots".into(),
+        serde_json::to_value(slots).expect("slots serialise"),
+    );
+    Value::Object(m)
+}
+
+/// Reads the state file: the current form, or a plain document (then slots start afresh).
+fn split_saved(saved: Value) -> (Value, Slots) {
+    match saved {
+        Value::Object(mut m) if m.contains_key("state") => {
+            let slots = m
+                .remove("slots")
+                .and_then(|v| serde_json::from_value(v).ok())
+                .unwrap_or_default();
+            (m.remove("state").unwrap_or(Value::Null), slots)
+        }
+        other => (other, Slots::default()),
     }
 }
 

@@ -1,24 +1,26 @@
-//! Rendering: a pure function from the desired [`State`] to the [`Ruleset`] that
-//! implements it.
+//! Rendering: a pure function from the desired [`State`] (and the bucket [`Slots`]) to
+//! the [`Ruleset`] that implements it.
 //!
 //! Layout, per family (`table ip nftlb`, `table ip6 nftlb`):
-//! - `prerouting` (nat, dstnat) looks the new flow up in two interval verdict maps:
+//! - `prerouting` (nat, dstnat) looks each new flow up in two interval verdict maps:
 //!   `svc` (`l4proto . vip . port-range`) and `svcp` for port-only services
-//!   (`l4proto . port-range`). Port ranges are single interval elements, never expanded,
-//!   and the lookup cost does not depend on the number of farms.
-//! - Each served farm has a small chain (`farm-NAME`, `farmp-NAME` for its port-only
-//!   addresses) holding its scheduler: `dnat to l4proto . vip . port . <sched> mod W map @bk…`.
-//!   The backend choice lives in shared maps (`bk_tcp`, `bkp_udp`, ...: per protocol,
-//!   VIP or port-only, with or without backend port) whose elements are
-//!   `vip . port-range . bucket-range : backend`, so a backend change touches
-//!   only that farm's elements and its one-line chain.
+//!   (`l4proto . port-range`). A port range is one interval element, never expanded, and
+//!   the lookup cost does not depend on the number of farms.
+//! - Each served farm has one small chain, `farm-NAME`, holding one rule per transport
+//!   protocol: `dnat to <scheduler> mod W offset O map @bk_tcp`. Every farm owns a block
+//!   `[O, O + size)` of a shared 32-bit bucket space (its [`Slot`]); the shared maps
+//!   `bk_tcp`/`bk_udp`/`bk_sctp` (backend address and port) and `bki` (address only) map
+//!   each bucket to a backend with exact-match hash elements, so a backend change adds and
+//!   deletes only that farm's W elements, each in O(1), and rewrites its one-line chain.
 //! - `postrouting` (nat, srcnat) applies per-backend or per-farm source addresses from the
-//!   `srcaddr`/`srcaddrp` maps (keyed on the original destination and the chosen backend), then
-//!   masquerades flows whose conntrack mark carries the masquerade bit (`-m`).
-//! - There are no per-farm sets or anonymous maps (both make kernel loading quadratic).
+//!   `srcaddr`/`srcaddrp` maps (keyed on the original destination and the chosen backend),
+//!   then masquerades flows whose conntrack mark carries the masquerade bit (`-m`).
+//! - There are no per-farm sets or anonymous maps: both make kernel loading quadratic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
 
 use crate::model::*;
 use crate::ruleset::{Chain, MapDef, Ruleset, Table, TableFamily};
@@ -32,6 +34,82 @@ pub struct RenderConfig {
 
 /// Something in the state that is accepted but not rendered, reported to the client.
 pub type Note = String;
+
+/// A farm's block of the shared bucket space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    /// First bucket.
+    pub offset: u32,
+    /// Number of buckets reserved (a power of two, at least 16).
+    pub size: u32,
+}
+
+/// Allocation of bucket blocks to farms. Kept by the engine and persisted with the
+/// state, so that a restart renders the same rules.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Slots {
+    by_farm: HashMap<String, Slot>,
+    free: BTreeMap<u32, Vec<u32>>,
+    next: u64,
+}
+
+/// Size of the bucket space (numgen and jhash results are 32-bit).
+const BUCKET_SPACE: u64 = 1 << 32;
+
+impl Slots {
+    /// The block of a farm, if it has one.
+    pub fn get(&self, farm: &str) -> Option<Slot> {
+        self.by_farm.get(farm).copied()
+    }
+
+    /// Frees the blocks of farms that are gone and gives every farm a block large enough
+    /// for its buckets. Blocks never shrink, so weight changes do not move a farm.
+    pub fn sync(&mut self, state: &State) -> Result<(), String> {
+        let gone: Vec<String> = self
+            .by_farm
+            .keys()
+            .filter(|n| !state.farms.contains_key(*n))
+            .cloned()
+            .collect();
+        for n in gone {
+            if let Some(s) = self.by_farm.remove(&n) {
+                self.free.entry(s.size).or_default().push(s.offset);
+            }
+        }
+        for farm in state.farms.values() {
+            let need = buckets_needed(state, farm).max(16).next_power_of_two();
+            match self.by_farm.get(&farm.name) {
+                Some(s) if s.size >= need => continue,
+                Some(s) => {
+                    let s = *s;
+                    self.free.entry(s.size).or_default().push(s.offset);
+                }
+                None => {}
+            }
+            let offset = self.alloc(need).ok_or_else(|| {
+                format!(
+                    "farm '{}': no room left for {need} scheduling buckets (too many farms or weights)",
+                    farm.name
+                )
+            })?;
+            self.by_farm
+                .insert(farm.name.clone(), Slot { offset, size: need });
+        }
+        Ok(())
+    }
+
+    fn alloc(&mut self, size: u32) -> Option<u32> {
+        if let Some(off) = self.free.get_mut(&size).and_then(Vec::pop) {
+            return Some(off);
+        }
+        if self.next + u64::from(size) > BUCKET_SPACE {
+            return None;
+        }
+        let off = self.next as u32;
+        self.next += u64::from(size);
+        Some(off)
+    }
+}
 
 fn ip_kw(fam: TableFamily) -> &'static str {
     match fam {
@@ -54,21 +132,9 @@ fn fam_matches(fam: TableFamily, ip: &IpAddr) -> bool {
     )
 }
 
-fn any_addr(fam: TableFamily) -> &'static str {
-    match fam {
-        TableFamily::Ip => "0.0.0.0/0",
-        TableFamily::Ip6 => "::/0",
-    }
-}
-
-/// Chain name of a farm's VIP services.
+/// Chain name of a farm.
 pub fn farm_chain(farm: &str) -> String {
     format!("farm-{farm}")
-}
-
-/// Chain name of a farm's port-only services.
-pub fn farm_port_chain(farm: &str) -> String {
-    format!("farmp-{farm}")
 }
 
 fn map(spec: String) -> MapDef {
@@ -76,6 +142,17 @@ fn map(spec: String) -> MapDef {
         kind: "map",
         spec,
         elements: BTreeMap::new(),
+    }
+}
+
+/// Name of the backend map: with backend ports, one per transport protocol (the data is
+/// declared with that protocol's port field; nft 1.0.6 refuses `th dport` there after a
+/// protocol match); without ports, one for all.
+fn bk_map(with_port: bool, p: &str) -> String {
+    if with_port {
+        format!("bk_{p}")
+    } else {
+        "bki".to_string()
     }
 }
 
@@ -93,41 +170,18 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         "svcp".into(),
         map("type inet_proto . inet_service : verdict; flags interval;".into()),
     );
-    // Backend maps, one set per transport protocol so that each is declared with that
-    // protocol's port field (nft 1.0.6 refuses a port mapping whose map is declared with
-    // `th dport` after a protocol match). The bucket is typed like numgen's result (a
-    // 32-bit integer); the modulus in the declaration does not matter.
+    // The bucket is typed like numgen's result (a 32-bit integer); the modulus in the
+    // declaration does not matter.
     for p in ["tcp", "udp", "sctp"] {
-        for (name, key, data) in [
-            (
-                bk_map(false, true, p),
-                format!("{ip} daddr . {p} dport"),
-                format!("{ip} daddr . {p} dport"),
-            ),
-            (
-                bk_map(false, false, p),
-                format!("{ip} daddr . {p} dport"),
-                format!("{ip} daddr"),
-            ),
-            (
-                bk_map(true, true, p),
-                format!("{p} dport"),
-                format!("{ip} daddr . {p} dport"),
-            ),
-            (
-                bk_map(true, false, p),
-                format!("{p} dport"),
-                format!("{ip} daddr"),
-            ),
-        ] {
-            t.maps.insert(
-                name,
-                map(format!(
-                    "typeof {key} . numgen inc mod 1 : {data}; flags interval;"
-                )),
-            );
-        }
+        t.maps.insert(
+            bk_map(true, p),
+            map(format!("typeof numgen inc mod 1 : {ip} daddr . {p} dport;")),
+        );
     }
+    t.maps.insert(
+        bk_map(false, "tcp"),
+        map(format!("typeof numgen inc mod 1 : {ip} daddr;")),
+    );
     t.maps.insert(
         "srcaddr".into(),
         map(format!(
@@ -165,19 +219,7 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
     t
 }
 
-/// Name of the backend map for port-only or VIP services, with or without backend
-/// ports, for transport protocol `p`.
-fn bk_map(port_only: bool, with_port: bool, p: &str) -> String {
-    let base = match (port_only, with_port) {
-        (false, true) => "bk",
-        (false, false) => "bki",
-        (true, true) => "bkp",
-        (true, false) => "bkpi",
-    };
-    format!("{base}_{p}")
-}
-
-/// The scheduler expression for `modulus` buckets in a rule for transport protocol `p`.
+/// The scheduler expression over `modulus` buckets in a rule for transport protocol `p`.
 fn sched_expr(farm: &Farm, fam: TableFamily, p: &str, modulus: u32) -> String {
     let ip = ip_kw(fam);
     match farm.scheduler {
@@ -203,23 +245,65 @@ fn sched_expr(farm: &Farm, fam: TableFamily, p: &str, modulus: u32) -> String {
     }
 }
 
-/// A backend chosen for scheduling in one family, with its bucket range.
-struct Slot<'a> {
+/// A backend chosen for scheduling in one family and its buckets `[lo, lo + n)`.
+struct Pick<'a> {
     backend: &'a Backend,
     ip: IpAddr,
     lo: u32,
-    hi: u32,
+    n: u32,
 }
 
-/// A bucket range, always written `lo-hi`: nft 1.0.6 encodes a single value of this
-/// host-endian field differently when deleting than when adding, so `delete element` of
-/// `… . 1` fails with ENOENT while `… . 1-1` round-trips.
-fn bucket(lo: u32, hi: u32) -> String {
-    format!("{lo}-{hi}")
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// The usable backends of a farm in one family, with contiguous bucket ranges by weight
+/// (weights divided by their greatest common divisor), and the total W.
+fn picks<'a>(farm: &'a Farm, statuses: &[BackendStatus], fam: TableFamily) -> (Vec<Pick<'a>>, u32) {
+    let usable: Vec<(&Backend, IpAddr)> = farm
+        .backends
+        .iter()
+        .zip(statuses)
+        .filter(|(_, st)| **st == BackendStatus::Up)
+        .filter_map(|(b, _)| {
+            b.ip_addr
+                .filter(|ip| fam_matches(fam, ip))
+                .map(|ip| (b, ip))
+        })
+        .collect();
+    let g = usable.iter().fold(0, |g, (b, _)| gcd(g, b.weight)).max(1);
+    let mut out = Vec::with_capacity(usable.len());
+    let mut total = 0u32;
+    for (b, ip) in usable {
+        let n = b.weight / g;
+        out.push(Pick {
+            backend: b,
+            ip,
+            lo: total,
+            n,
+        });
+        total += n;
+    }
+    (out, total)
+}
+
+/// The largest number of buckets a farm needs in any family.
+fn buckets_needed(state: &State, farm: &Farm) -> u32 {
+    let statuses = state.backend_statuses(farm);
+    TableFamily::ALL
+        .iter()
+        .map(|fam| picks(farm, &statuses, *fam).1)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Renders the whole state. Also returns notes about accepted but unrendered settings.
-pub fn render(state: &State, cfg: &RenderConfig) -> (Ruleset, Vec<Note>) {
+/// Every farm must have a slot (see [`Slots::sync`]).
+pub fn render(state: &State, slots: &Slots, cfg: &RenderConfig) -> (Ruleset, Vec<Note>) {
     let mut rs = Ruleset::default();
     let mut notes = Vec::new();
     for fam in TableFamily::ALL {
@@ -240,19 +324,32 @@ pub fn render(state: &State, cfg: &RenderConfig) -> (Ruleset, Vec<Note>) {
                 continue;
             }
         }
+        let Some(slot) = slots.get(&farm.name) else {
+            notes.push(format!("Farm '{}' has no scheduling slot", farm.name));
+            continue;
+        };
         let statuses = state.backend_statuses(farm);
         for fam in TableFamily::ALL {
             let table = rs.tables.get_mut(&fam).expect("base tables exist");
-            render_farm(state, farm, &statuses, fam, cfg, table);
+            render_farm(state, farm, &statuses, slot, fam, cfg, table);
         }
     }
     (rs, notes)
+}
+
+fn insert(t: &mut Table, map: &str, key: String, value: String) {
+    t.maps
+        .get_mut(map)
+        .expect("base map exists")
+        .elements
+        .insert(key, value);
 }
 
 fn render_farm(
     state: &State,
     farm: &Farm,
     statuses: &[BackendStatus],
+    slot: Slot,
     fam: TableFamily,
     cfg: &RenderConfig,
     t: &mut Table,
@@ -274,126 +371,89 @@ fn render_farm(
     if addrs.is_empty() {
         return;
     }
-    // Usable backends of this family, each given a contiguous bucket range by weight.
-    let mut slots: Vec<Slot> = Vec::new();
-    let mut total = 0u32;
-    for (b, st) in farm.backends.iter().zip(statuses) {
-        let Some(bip) = b.ip_addr else { continue };
-        if *st != BackendStatus::Up || !fam_matches(fam, &bip) {
-            continue;
-        }
-        slots.push(Slot {
-            backend: b,
-            ip: bip,
-            lo: total,
-            hi: total + b.weight - 1,
-        });
-        total += b.weight;
-    }
-    let with_port = slots.iter().all(|s| s.backend.port.is_some());
+    let chain_name = farm_chain(&farm.name);
+    let (picks, total) = picks(farm, statuses, fam);
+    let with_port = picks.iter().all(|s| s.backend.port.is_some());
     let src_farm = farm.source_addr.filter(|s| fam_matches(fam, s));
     let masquerade = farm.mode == Mode::Snat && src_farm.is_none();
-    let mask = cfg.masquerade_mark;
-
-    for port_only in [false, true] {
-        let group: Vec<&Address> = addrs
-            .iter()
-            .copied()
-            .filter(|a| a.ip_addr.is_none() == port_only)
-            .collect();
-        if group.is_empty() {
-            continue;
-        }
-        let (chain_name, svc_map) = if port_only {
-            (farm_port_chain(&farm.name), "svcp")
-        } else {
-            (farm_chain(&farm.name), "svc")
-        };
-        let mut protos: Vec<&'static str> = Vec::new();
-        for a in &group {
-            for p in a.protocol.l4() {
-                if !protos.contains(p) {
-                    protos.push(p);
-                }
-                for r in a.ports.ranges() {
-                    let svc_key = match a.ip_addr {
-                        Some(vip) => format!("{p} . {vip} . {r}"),
-                        None => format!("{p} . {r}"),
-                    };
-                    let bk_key = match a.ip_addr {
-                        Some(vip) => format!("{vip} . {r}"),
-                        None => r.to_string(),
-                    };
-                    t.maps
-                        .get_mut(svc_map)
-                        .expect("base map")
-                        .elements
-                        .insert(svc_key.clone(), format!("goto {chain_name}"));
-                    for s in &slots {
-                        let data = match (with_port, s.backend.port) {
-                            (true, Some(bp)) => format!("{} . {bp}", s.ip),
-                            _ => s.ip.to_string(),
-                        };
-                        t.maps
-                            .get_mut(&bk_map(port_only, with_port, p))
-                            .expect("base map")
-                            .elements
-                            .insert(format!("{bk_key} . {}", bucket(s.lo, s.hi)), data);
-                        // Source address for this farm and backend (snat mode only).
-                        let src = s
-                            .backend
-                            .source_addr
-                            .filter(|x| fam_matches(fam, x))
-                            .or(src_farm);
-                        if let (Mode::Snat, Some(src)) = (farm.mode, src) {
-                            let bport = match s.backend.port {
-                                Some(bp) if with_port => bp.to_string(),
-                                _ => r.to_string(),
-                            };
-                            let (snat_map, key) = match a.ip_addr {
-                                Some(vip) => {
-                                    ("srcaddr", format!("{p} . {vip} . {r} . {} . {bport}", s.ip))
-                                }
-                                None => ("srcaddrp", format!("{p} . {r} . {} . {bport}", s.ip)),
-                            };
-                            t.maps
-                                .get_mut(snat_map)
-                                .expect("base map")
-                                .elements
-                                .insert(key, src.to_string());
-                        }
-                    }
-                }
+    let mut protos: Vec<&'static str> = Vec::new();
+    for a in &addrs {
+        for p in a.protocol.l4() {
+            if !protos.contains(p) {
+                protos.push(p);
             }
-        }
-        let mut rules = Vec::new();
-        if total > 0 {
-            let masq = if masquerade {
-                format!("ct mark set ct mark or 0x{mask:x} ")
-            } else {
-                String::new()
-            };
-            // The key names the protocol's own port field (`tcp dport`): with `th dport`
-            // nft 1.0.6 refuses the port mapping after a protocol match.
-            for p in &protos {
-                let key = if port_only {
-                    format!("{p} dport")
-                } else {
-                    format!("{ip} daddr . {p} dport")
+            for r in a.ports.ranges() {
+                let (svc_map, svc_key) = match a.ip_addr {
+                    Some(vip) => ("svc", format!("{p} . {vip} . {r}")),
+                    None => ("svcp", format!("{p} . {r}")),
                 };
-                let sched = sched_expr(farm, fam, p, total);
-                rules.push(format!(
-                    "meta l4proto {p} {masq}dnat {ip} to {key} . {sched} map @{}",
-                    bk_map(port_only, with_port, p)
-                ));
+                insert(t, svc_map, svc_key, format!("goto {chain_name}"));
+                if farm.mode != Mode::Snat {
+                    continue;
+                }
+                // Source address per (service, backend): the backend's, else the farm's.
+                for pk in &picks {
+                    let Some(src) = pk
+                        .backend
+                        .source_addr
+                        .filter(|x| fam_matches(fam, x))
+                        .or(src_farm)
+                    else {
+                        continue;
+                    };
+                    let bport = match pk.backend.port {
+                        Some(bp) if with_port => bp.to_string(),
+                        _ => r.to_string(),
+                    };
+                    let (map, key) = match a.ip_addr {
+                        Some(vip) => (
+                            "srcaddr",
+                            format!("{p} . {vip} . {r} . {} . {bport}", pk.ip),
+                        ),
+                        None => ("srcaddrp", format!("{p} . {r} . {} . {bport}", pk.ip)),
+                    };
+                    insert(t, map, key, src.to_string());
+                }
             }
         }
-        // No usable backend (or a lookup miss): refuse the new flow rather than let it
-        // reach a local socket on the virtual address.
-        rules.push("drop".into());
-        t.chains.insert(chain_name, Chain { base: None, rules });
     }
-    let _ = any_addr;
+    // Bucket elements, once per backend map this farm uses.
+    let maps: Vec<String> = if with_port {
+        protos.iter().map(|p| bk_map(true, p)).collect()
+    } else {
+        vec![bk_map(false, "")]
+    };
+    for m in &maps {
+        for pk in &picks {
+            let data = match (with_port, pk.backend.port) {
+                (true, Some(bp)) => format!("{} . {bp}", pk.ip),
+                _ => pk.ip.to_string(),
+            };
+            for b in pk.lo..pk.lo + pk.n {
+                insert(t, m, (slot.offset + b).to_string(), data.clone());
+            }
+        }
+    }
+    let mut rules = Vec::new();
+    if total > 0 {
+        let masq = if masquerade {
+            format!("ct mark set ct mark or 0x{:x} ", cfg.masquerade_mark)
+        } else {
+            String::new()
+        };
+        for p in &protos {
+            rules.push(format!(
+                "meta l4proto {p} {masq}dnat {ip} to {} offset {} map @{}",
+                sched_expr(farm, fam, p, total),
+                slot.offset,
+                bk_map(with_port, p)
+            ));
+        }
+    }
+    // No usable backend (or a lookup miss): refuse the new flow rather than let it reach
+    // a local socket on the virtual address.
+    rules.push("drop".into());
+    t.chains.insert(chain_name, Chain { base: None, rules });
 }
 
 #[cfg(test)]
@@ -422,8 +482,18 @@ mod tests {
         st
     }
 
+    fn slots(st: &State) -> Slots {
+        let mut s = Slots::default();
+        s.sync(st).unwrap();
+        s
+    }
+
+    fn rendered(st: &State) -> (Ruleset, Vec<Note>) {
+        render(st, &slots(st), &CFG)
+    }
+
     fn text(st: &State) -> String {
-        plan(&Ruleset::default(), &render(st, &CFG).0).to_text()
+        plan(&Ruleset::default(), &rendered(st).0).to_text()
     }
 
     #[test]
@@ -459,8 +529,8 @@ mod tests {
              "backends":[{"name":"b","ip-addr":"198.18.1.1"}]},
             {"name":"y","virtual-addr":"198.18.0.2","virtual-ports":"80","mode":"dsr",
              "backends":[{"name":"b","ip-addr":"198.18.1.1"}]}]}));
-        let (rs, notes) = render(&st, &CFG);
-        assert_eq!(rs, render(&State::default(), &CFG).0);
+        let (rs, notes) = rendered(&st);
+        assert_eq!(rs, rendered(&State::default()).0);
         assert_eq!(notes.len(), 1);
     }
 
@@ -475,13 +545,20 @@ mod tests {
         let before = state(v.clone());
         v["farms"][7]["backends"][1]["state"] = json!("down");
         let after = state(v);
-        let tx = plan(&render(&before, &CFG).0, &render(&after, &CFG).0);
-        assert!(
-            tx.commands
-                .iter()
-                .all(|c| c.contains("f7") || c.contains("198.18.0.7 ")),
-            "{tx:?}"
+        let mut sl = slots(&before);
+        let old = render(&before, &sl, &CFG).0;
+        sl.sync(&after).unwrap();
+        let tx = plan(&old, &render(&after, &sl, &CFG).0);
+        let f7 = sl.get("f7").unwrap().offset;
+        // Only farm f7's chain is rewritten (W 2 -> 1) and its buckets change.
+        assert_eq!(
+            tx.commands,
+            vec![
+                "flush chain ip nftlb farm-f7".to_string(),
+                format!("add rule ip nftlb farm-f7 meta l4proto tcp ct mark set ct mark or 0x80000000 dnat ip to numgen inc mod 1 offset {f7} map @bki"),
+                "add rule ip nftlb farm-f7 drop".to_string(),
+                format!("delete element ip nftlb bki {{ {} }}", f7 + 1),
+            ]
         );
-        assert!(tx.commands.len() <= 6, "{}", tx.to_text());
     }
 }

@@ -202,15 +202,18 @@ fn incremental_changes_equal_a_fresh_start() {
         assert_eq!(e.fallbacks(), 0, "step {i} needed a full resync");
         // A fresh namespace started from the same state must hold the same ruleset.
         let b = Ns::new();
+        // Start it the way the daemon restarts: from the state file.
+        let file = std::env::temp_dir().join(format!("{}.json", b.0));
+        std::fs::write(&file, e.saved().to_string()).unwrap();
         let mut fresh = Engine::new(
             Box::new(NsKernel(b.0.clone())),
-            None,
+            Some(nftlb::store::Store::new(&file)),
             EngineConfig {
                 masquerade_mark: 0x8000_0000,
             },
         );
-        let doc = nftlb::document::state_document(e.state());
-        fresh.start(Some(&doc), false).expect("fresh start");
+        fresh.start(None, true).expect("fresh start");
+        let _ = std::fs::remove_file(&file);
         assert_eq!(a.listing(), b.listing(), "after step {i}: {m} {p}");
     }
     // Deleting everything leaves empty base tables only.
@@ -303,7 +306,10 @@ fn more_backends_than_the_originals_4095_mark_limit() {
         .collect();
     let body = format!(r#"{{"farms":[{}]}}"#, down.join(","));
     assert_eq!(send(&mut e, "POST", "/farms", &body), 200);
-    assert_eq!(send(&mut e, "POST", "/farms", &body.replace("down", "up")), 200);
+    assert_eq!(
+        send(&mut e, "POST", "/farms", &body.replace("down", "up")),
+        200
+    );
     assert_eq!(e.fallbacks(), 0);
     let out = a
         .nft("", &["list", "map", "ip", "nftlb", "bk_tcp"])
