@@ -3,7 +3,8 @@
 //! applied as one nftables transaction, then persisted; if any step fails the state,
 //! the kernel and the file stay as they were.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{Map, Value};
@@ -105,6 +106,16 @@ pub struct Engine {
     store: Option<Store>,
     cfg: EngineConfig,
     fallbacks: u64,
+    fragments: Fragments,
+}
+
+/// Serialised state-file pieces of the current state, so that saving after a change
+/// re-serialises only the objects that changed.
+#[derive(Debug, Clone, Default)]
+struct Fragments {
+    farms: HashMap<String, Arc<str>>,
+    addresses: HashMap<String, Arc<str>>,
+    policies: HashMap<String, Arc<str>>,
 }
 
 impl Engine {
@@ -118,6 +129,7 @@ impl Engine {
             store,
             cfg,
             fallbacks: 0,
+            fragments: Fragments::default(),
         }
     }
 
@@ -260,8 +272,11 @@ impl Engine {
             }
         }
         let t3 = Instant::now();
+        let mut new_fragments = None;
         if let Some(store) = &self.store {
-            if let Err(e) = store.save(&saved_form(&next, &slots)) {
+            let (text, fragments) = saved_text(&self.state, &self.fragments, &next, &slots);
+            new_fragments = Some(fragments);
+            if let Err(e) = store.save_bytes(text.as_bytes()) {
                 // Undo the kernel change so that memory, kernel and file agree.
                 let undo = plan(&rs, &self.ruleset);
                 if let Err(ke) = self.kernel.apply(&undo.to_text()) {
@@ -283,6 +298,9 @@ impl Engine {
         self.state = next;
         self.slots = slots;
         self.ruleset = rs;
+        if let Some(f) = new_fragments {
+            self.fragments = f;
+        }
         Ok(notes)
     }
 
@@ -596,6 +614,71 @@ fn saved_form(state: &State, slots: &Slots) -> Value {
     Value::Object(m)
 }
 
+/// The state file's text for `next`, reusing the serialised form of every object that
+/// is unchanged since `old`. Same content as [`saved_form`].
+fn saved_text(old: &State, frags: &Fragments, next: &State, slots: &Slots) -> (String, Fragments) {
+    fn section<T: PartialEq>(
+        out: &mut String,
+        key: &str,
+        old: &indexmap::IndexMap<String, T>,
+        next: &indexmap::IndexMap<String, T>,
+        prev: &HashMap<String, Arc<str>>,
+        fresh: &mut HashMap<String, Arc<str>>,
+        json: impl Fn(&T) -> Value,
+    ) {
+        out.push('"');
+        out.push_str(key);
+        out.push_str("\":[");
+        for (i, (name, obj)) in next.iter().enumerate() {
+            let text = match (old.get(name), prev.get(name)) {
+                (Some(o), Some(t)) if o == obj => t.clone(),
+                _ => Arc::from(json(obj).to_string()),
+            };
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&text);
+            fresh.insert(name.clone(), text);
+        }
+        out.push(']');
+    }
+    let mut f = Fragments::default();
+    let mut out = String::from("{\"state\":{");
+    section(
+        &mut out,
+        "policies",
+        &old.policies,
+        &next.policies,
+        &frags.policies,
+        &mut f.policies,
+        |p| document::policy_json(next, p, View::Store),
+    );
+    out.push(',');
+    section(
+        &mut out,
+        "addresses",
+        &old.addresses,
+        &next.addresses,
+        &frags.addresses,
+        &mut f.addresses,
+        |a| document::address_top_json(next, a, View::Store),
+    );
+    out.push(',');
+    section(
+        &mut out,
+        "farms",
+        &old.farms,
+        &next.farms,
+        &frags.farms,
+        &mut f.farms,
+        |x| document::farm_json(next, x, View::Store),
+    );
+    out.push_str("},\"slots\":");
+    out.push_str(&serde_json::to_string(slots).expect("slots serialise"));
+    out.push_str("}\n");
+    (out, f)
+}
+
 /// Reads the state file: the current form, or a plain document (then slots start afresh).
 fn split_saved(saved: Value) -> (Value, Slots) {
     match saved {
@@ -776,5 +859,46 @@ mod tests {
             assert_eq!(r.status, 400, "{body}: {}", r.body);
             assert_eq!(e.state(), &before, "{body}");
         }
+    }
+}
+
+#[cfg(test)]
+mod saved_tests {
+    use super::*;
+    use crate::document::{apply_document, ParseConfig};
+
+    #[test]
+    fn incremental_state_text_equals_full_serialisation() {
+        let cfg = ParseConfig {
+            masquerade_mark: 0x8000_0000,
+        };
+        let mut a = State::default();
+        let doc: Value = serde_json::from_str(r#"{"policies":[{"name":"p","elements":[{"data":"198.18.9.0/24"}]}],
+            "farms":[{"name":"x","virtual-addr":"198.18.0.1","backends":[{"name":"b","ip-addr":"198.18.1.1"}]},
+                     {"name":"y","virtual-ports":"53","protocol":"udp"}]}"#).unwrap();
+        apply_document(&mut a, &doc, &ApplyMode::Upsert, &cfg).unwrap();
+        let mut slots = Slots::default();
+        slots.sync(&a).unwrap();
+        let (t1, frags) = saved_text(&State::default(), &Fragments::default(), &a, &slots);
+        assert_eq!(
+            serde_json::from_str::<Value>(&t1).unwrap(),
+            saved_form(&a, &slots)
+        );
+        let mut b = a.clone();
+        let change: Value = serde_json::from_str(
+            r#"{"farms":[{"name":"y","backends":[{"name":"c","ip-addr":"198.18.1.3"}]}]}"#,
+        )
+        .unwrap();
+        apply_document(&mut b, &change, &ApplyMode::Upsert, &cfg).unwrap();
+        b.farms.shift_remove("x");
+        let (t2, frags2) = saved_text(&a, &frags, &b, &slots);
+        assert_eq!(
+            serde_json::from_str::<Value>(&t2).unwrap(),
+            saved_form(&b, &slots)
+        );
+        // x's fragment is gone, y's was re-serialised, the policy's reused.
+        assert!(!frags2.farms.contains_key("x"));
+        assert!(Arc::ptr_eq(&frags.policies["p"], &frags2.policies["p"]));
+        assert!(!Arc::ptr_eq(&frags.farms["y"], &frags2.farms["y"]));
     }
 }

@@ -40,6 +40,13 @@ impl Store {
 
     /// Replaces the saved document atomically.
     pub fn save(&self, doc: &Value) -> Result<(), String> {
+        let mut text = serde_json::to_vec(doc).map_err(|e| e.to_string())?;
+        text.push(b'\n');
+        self.save_bytes(&text)
+    }
+
+    /// Replaces the saved document atomically with `text` (already JSON).
+    pub fn save_bytes(&self, text: &[u8]) -> Result<(), String> {
         let dir = self
             .path
             .parent()
@@ -48,10 +55,8 @@ impl Store {
         fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let tmp = self.path.with_extension("json.tmp");
         let write = || -> std::io::Result<()> {
-            let mut text = serde_json::to_vec(doc)?;
-            text.push(b'\n');
             let mut f = File::create(&tmp)?;
-            f.write_all(&text)?;
+            f.write_all(text)?;
             f.sync_all()?;
             fs::rename(&tmp, &self.path)?;
             File::open(dir)?.sync_all()
