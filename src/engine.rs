@@ -186,7 +186,7 @@ impl Engine {
         st.validate().map_err(|e| format!("configuration: {e}"))?;
         slots.sync(&st).map_err(|e| format!("configuration: {e}"))?;
         let (rs, notes) = render(&st, &slots, &self.render_cfg());
-        for n in &notes {
+        for (_, n) in &notes {
             tracing::warn!("{n}");
         }
         self.resync_kernel(&rs)?;
@@ -251,7 +251,13 @@ impl Engine {
             .sync(&next)
             .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
         let (rs, render_notes) = render(&next, &slots, &self.render_cfg());
-        notes.extend(render_notes);
+        // Report only on farms this request changed.
+        notes.extend(
+            render_notes
+                .into_iter()
+                .filter(|(farm, _)| self.state.farms.get(farm) != next.farms.get(farm))
+                .map(|(_, n)| n),
+        );
         let t1 = Instant::now();
         let tx = plan(&self.ruleset, &rs);
         let t2 = Instant::now();
@@ -840,6 +846,28 @@ mod tests {
         );
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(e.state().farms["lb"].backends[0].state, BackendState::Down);
+    }
+
+    #[test]
+    fn unenforced_settings_are_reported_for_the_changed_farm_only() {
+        let mut e = engine();
+        let r = req(
+            &mut e,
+            "POST",
+            "/farms",
+            r#"{"farms":[{"name":"a","persistence":"srcip","virtual-ports":"80"}]}"#,
+        );
+        assert_eq!(
+            r.body,
+            r#"{"response": "success. Farm 'a': persistence stored but not enforced by this version"}"#
+        );
+        let r = req(
+            &mut e,
+            "POST",
+            "/farms",
+            r#"{"farms":[{"name":"b","virtual-ports":"81"}]}"#,
+        );
+        assert_eq!(r.body, r#"{"response": "success"}"#);
     }
 
     #[test]

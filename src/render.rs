@@ -32,8 +32,8 @@ pub struct RenderConfig {
     pub masquerade_mark: u32,
 }
 
-/// Something in the state that is accepted but not rendered, reported to the client.
-pub type Note = String;
+/// Something in the state that is accepted but not rendered: (farm, message).
+pub type Note = (String, String);
 
 /// A farm's block of the shared bucket space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,16 +316,33 @@ pub fn render(state: &State, slots: &Slots, cfg: &RenderConfig) -> (Ruleset, Vec
         match farm.mode {
             Mode::Snat | Mode::Dnat => {}
             other => {
-                notes.push(format!(
-                    "Farm '{}': mode '{}' is stored but not served by this version",
-                    farm.name,
-                    other.as_str()
+                notes.push((
+                    farm.name.clone(),
+                    format!(
+                        "Farm '{}': mode '{}' is stored but not served by this version",
+                        farm.name,
+                        other.as_str()
+                    ),
                 ));
                 continue;
             }
         }
+        let unserved = unserved_keys(farm);
+        if !unserved.is_empty() {
+            notes.push((
+                farm.name.clone(),
+                format!(
+                    "Farm '{}': {} stored but not enforced by this version",
+                    farm.name,
+                    unserved.join(", ")
+                ),
+            ));
+        }
         let Some(slot) = slots.get(&farm.name) else {
-            notes.push(format!("Farm '{}' has no scheduling slot", farm.name));
+            notes.push((
+                farm.name.clone(),
+                format!("Farm '{}' has no scheduling slot", farm.name),
+            ));
             continue;
         };
         let statuses = state.backend_statuses(farm);
@@ -335,6 +352,39 @@ pub fn render(state: &State, slots: &Slots, cfg: &RenderConfig) -> (Ruleset, Vec
         }
     }
     (rs, notes)
+}
+
+/// The keys of a farm set to something this version does not turn into rules yet.
+fn unserved_keys(f: &Farm) -> Vec<&'static str> {
+    let d = Farm::new(String::new());
+    let mut out = Vec::new();
+    let checks: [(&'static str, bool); 13] = [
+        ("persistence", f.persistence != d.persistence),
+        ("sessions", !f.sessions.is_empty()),
+        ("helper", f.helper != d.helper),
+        ("log", f.log != d.log),
+        ("mark", f.mark != d.mark),
+        ("new-rtlimit", f.new_rtlimit.count != 0),
+        ("rst-rtlimit", f.rst_rtlimit.count != 0),
+        ("est-connlimit", f.est_connlimit != 0),
+        ("tcp-strict", f.tcp_strict),
+        ("queue", f.queue != d.queue),
+        ("flow-offload", f.flow_offload),
+        ("intra-connect", f.intra_connect),
+        ("policies", !f.policies.is_empty()),
+    ];
+    for (k, set) in checks {
+        if set {
+            out.push(k);
+        }
+    }
+    if f.backends
+        .iter()
+        .any(|b| b.est_connlimit != 0 || b.mark.0 != 0)
+    {
+        out.push("backend est-connlimit/mark");
+    }
+    out
 }
 
 fn insert(t: &mut Table, map: &str, key: String, value: String) {
