@@ -10,7 +10,7 @@
 #   - CHANGES single-backend changes through the API (state down/up alternately on
 #     random farms): curl's request time, p50 / p99 / max.
 # Prints a Markdown table. Only namespaces named nlbbench-$$-* and processes it started
-# (by PID) are touched; everything is removed on exit.
+# (the processes inside those namespaces) are touched; everything is removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,21 +29,26 @@ cargo build --release --quiet
 OURS=$PWD/target/release/nftlb
 
 TMP=$(mktemp -d)
-PIDS=()
-NSS=()
+PREFIX="nlbbench-$$-"
+# Functions below run in command substitutions (subshells), so cleanup finds its
+# namespaces by their prefix and its processes as the processes inside them.
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  for n in "${NSS[@]}"; do ip netns delete "$n" 2>/dev/null || true; done
+  local n p
+  for n in $(ip netns list | awk '{print $1}' | grep "^$PREFIX" || true); do
+    for p in $(ip netns pids "$n"); do kill "$p" 2>/dev/null || true; done
+  done
+  sleep 0.2
+  for n in $(ip netns list | awk '{print $1}' | grep "^$PREFIX" || true); do
+    ip netns delete "$n" 2>/dev/null || true
+  done
   rm -rf "$TMP"
 }
 trap cleanup EXIT
 
 mkns() {
-  local n="nlbbench-$$-$1"
+  local n="$PREFIX$1"
   ip netns add "$n"
   ip -n "$n" link set lo up
-  NSS+=("$n")
   echo "$n"
 }
 
@@ -106,7 +111,6 @@ api_run() { # binary label changes
     ip netns exec "$ns" "$1" -k "$key" -H 127.0.0.1 -P 5555 -L 2 -l 3 >/dev/null 2>&1 &
   fi
   pid=$!
-  PIDS+=("$pid")
   wait_api "$ns" "$key"
   t=$(now)
   ip netns exec "$ns" curl -s -o /dev/null -H "Key: $key" --data-binary "@$TMP/farms.json" http://127.0.0.1:5555/farms

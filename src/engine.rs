@@ -871,6 +871,140 @@ mod tests {
     }
 
     #[test]
+    fn policies_patch_delete_with_body_and_element_paths() {
+        let mut e = engine();
+        let body = r#"{"policies":[{"name":"bl","type":"blacklist","elements":[
+            {"data":"198.18.5.1"},{"data":"198.18.6.0/24"},{"data":"198.18.7.7"}]}]}"#;
+        assert_eq!(req(&mut e, "POST", "/policies", body).status, 200);
+        let elems = |e: &Engine| -> Vec<String> {
+            e.state().policies["bl"].elements.keys().cloned().collect()
+        };
+        assert_eq!(elems(&e), ["198.18.5.1", "198.18.6.0/24", "198.18.7.7"]);
+        // DELETE with a body removes the listed elements.
+        let r = req(
+            &mut e,
+            "DELETE",
+            "/policies",
+            r#"{"policies":[{"name":"bl","elements":[{"data":"198.18.5.1"}]}]}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(elems(&e), ["198.18.6.0/24", "198.18.7.7"]);
+        // A CIDR in the path is re-joined from its last two segments.
+        assert_eq!(
+            req(&mut e, "DELETE", "/policies/bl/elements/198.18.6.0/24", "").status,
+            200
+        );
+        assert_eq!(elems(&e), ["198.18.7.7"]);
+        assert_eq!(
+            req(&mut e, "DELETE", "/policies/bl/elements/198.18.9.9", "").status,
+            404
+        );
+        // PATCH replaces the elements exactly.
+        let r = req(
+            &mut e,
+            "PATCH",
+            "/policies/bl/elements",
+            r#"{"policies":[{"name":"bl","elements":[{"data":"2001:2::1"}]}]}"#,
+        );
+        assert_eq!(r.status, 400, "wrong family: {}", r.body);
+        let r = req(
+            &mut e,
+            "PATCH",
+            "/policies/bl/elements",
+            r#"{"policies":[{"name":"bl","elements":[{"data":"198.18.8.0/24"},{"data":"198.18.9.9"}]}]}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(elems(&e), ["198.18.8.0/24", "198.18.9.9"]);
+        assert_eq!(
+            req(
+                &mut e,
+                "PATCH",
+                "/policies/nope",
+                r#"{"policies":[{"name":"nope"}]}"#
+            )
+            .status,
+            404
+        );
+        // PATCH /farms/NAME/policies replaces the attached list.
+        req(
+            &mut e,
+            "POST",
+            "/policies",
+            r#"{"policies":[{"name":"wl","type":"whitelist"}]}"#,
+        );
+        req(
+            &mut e,
+            "POST",
+            "/farms",
+            r#"{"farms":[{"name":"f","virtual-ports":"80","policies":[{"name":"bl"}]}]}"#,
+        );
+        let r = req(
+            &mut e,
+            "PATCH",
+            "/farms/f/policies",
+            r#"{"farms":[{"name":"f","policies":[{"name":"wl"}]}]}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(e.state().farms["f"].policies, ["wl"]);
+        assert_eq!(
+            req(&mut e, "DELETE", "/farms/f/policies/wl", "").status,
+            200
+        );
+        assert!(e.state().farms["f"].policies.is_empty());
+        // Deleting a policy detaches it everywhere.
+        req(
+            &mut e,
+            "POST",
+            "/farms",
+            r#"{"farms":[{"name":"f","policies":[{"name":"bl"}]}]}"#,
+        );
+        assert_eq!(req(&mut e, "DELETE", "/policies/bl", "").status, 200);
+        assert!(e.state().farms["f"].policies.is_empty());
+        assert_eq!(req(&mut e, "GET", "/policies/bl", "").status, 404);
+    }
+
+    #[test]
+    fn sessions_and_addresses_paths() {
+        let mut e = engine();
+        let r = req(
+            &mut e,
+            "POST",
+            "/farms",
+            r#"{"farms":[{"name":"f","virtual-addr":"198.18.0.1","virtual-ports":"80",
+               "persistence":"srcip srcport",
+               "backends":[{"name":"b","ip-addr":"198.18.1.1"}],
+               "sessions":[{"client":"198.18.0.9 . 1234","backend":"b"}]}]}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = req(&mut e, "GET", "/farms/f/sessions", "");
+        assert!(r.body.contains("198.18.0.9 . 1234"), "{}", r.body);
+        // '_' in the path stands for a space, as in nftlb.
+        assert_eq!(
+            req(&mut e, "DELETE", "/farms/f/sessions/198.18.0.9_._1234", "").status,
+            200
+        );
+        assert!(e.state().farms["f"].sessions.is_empty());
+        // A session naming an unknown backend is a 404.
+        let r = req(
+            &mut e,
+            "POST",
+            "/farms",
+            r#"{"farms":[{"name":"f","sessions":[{"client":"198.18.0.9 . 1","backend":"zz"}]}]}"#,
+        );
+        assert_eq!(r.status, 404, "{}", r.body);
+        // The automatic address is listed and goes away with its farm.
+        let r = req(&mut e, "GET", "/addresses/f-addr", "");
+        assert_eq!(r.status, 200);
+        assert!(r.body.contains("\"used\": \"1\""), "{}", r.body);
+        assert_eq!(req(&mut e, "DELETE", "/addresses/f-addr", "").status, 400);
+        assert_eq!(
+            req(&mut e, "DELETE", "/farms/f/addresses/f-addr", "").status,
+            200
+        );
+        assert_eq!(req(&mut e, "GET", "/addresses/f-addr", "").status, 404);
+    }
+
+    #[test]
     fn invalid_input_leaves_state_alone() {
         let mut e = engine();
         req(&mut e, "POST", "/farms", FARM);

@@ -70,6 +70,7 @@ fn run(args: Args) -> Result<(), String> {
             0 => {
                 // SAFETY: detaching from the terminal's session in the child.
                 unsafe { libc::setsid() };
+                detach_stdio(args.log_output);
             }
             _ => return Ok(()),
         }
@@ -116,6 +117,28 @@ fn run(args: Args) -> Result<(), String> {
     let _ = writer.join();
     tracing::info!("shutting down; rules stay in place");
     Ok(())
+}
+
+/// Points stdin, and stdout/stderr unless logs go there (`-L`), at /dev/null, so that the
+/// parent's pipes and terminal are released.
+fn detach_stdio(log_output: u8) {
+    // SAFETY: plain open/dup2/close on file descriptors we own.
+    unsafe {
+        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if fd < 0 {
+            return;
+        }
+        libc::dup2(fd, 0);
+        if !matches!(log_output, 1 | 3) {
+            libc::dup2(fd, 1);
+        }
+        if !matches!(log_output, 2 | 4) {
+            libc::dup2(fd, 2);
+        }
+        if fd > 2 {
+            libc::close(fd);
+        }
+    }
 }
 
 async fn shutdown() {

@@ -284,3 +284,53 @@ fn oversized_body_is_refused_with_4xx() {
     assert_eq!(code, "200");
     assert_eq!(body, "{\n        \"farms\": []\n}");
 }
+
+#[test]
+fn daemon_mode_forks_and_serves() {
+    let ns = Ns::new();
+    let state = std::env::temp_dir().join(format!("{}-d.json", ns.0));
+    let o = ns.run(&[
+        BIN,
+        "-d",
+        "-k",
+        "k",
+        "-L",
+        "0",
+        "--state-file",
+        state.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "the parent exits 0");
+    // The child serves; it is the only process in this namespace.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, _) = curl(&ns, &["-H", "Key: k", "http://127.0.0.1:5555/farms"]);
+        if code == "200" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the forked daemon does not answer"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pids = Command::new("ip")
+        .args(["netns", "pids", &ns.0])
+        .output()
+        .unwrap();
+    let pids = String::from_utf8_lossy(&pids.stdout).into_owned();
+    let pids: Vec<i32> = pids
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    unsafe { libc::kill(pids[0], libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while unsafe { libc::kill(pids[0], 0) } == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(state);
+}
