@@ -55,9 +55,10 @@ impl Args {
     pub fn masquerade_mark(&self) -> Result<u32, String> {
         let m = crate::model::Mark::parse(&self.masquerade_mark)
             .map_err(|e| format!("-m '{}': {e}", self.masquerade_mark))?;
-        if m.0 == 0 {
+        // Buckets live in the conntrack-mark values below the mark's lowest bit.
+        if m.0.trailing_zeros() < 20 {
             return Err(format!(
-                "-m '{}': the mark must not be 0",
+                "-m '{}': the masquerade mark must be 0x100000 or a higher bit (the bits below it number the scheduling buckets)",
                 self.masquerade_mark
             ));
         }

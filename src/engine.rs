@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use crate::document::{self, ApplyMode, DocError, ParseConfig, View};
 use crate::kernel::{Kernel, KernelError};
 use crate::model::*;
-use crate::render::{render, RenderConfig, Slots};
+use crate::render::{bucket_space, render, RenderConfig, Slots};
 use crate::ruleset::{parse_listing, plan, resync, Ruleset, TableFamily, TABLE};
 use crate::store::Store;
 
@@ -184,7 +184,9 @@ impl Engine {
                 .map_err(|e| format!("configuration: {e}"))?;
         }
         st.validate().map_err(|e| format!("configuration: {e}"))?;
-        slots.sync(&st).map_err(|e| format!("configuration: {e}"))?;
+        slots
+            .sync(&st, bucket_space(self.cfg.masquerade_mark))
+            .map_err(|e| format!("configuration: {e}"))?;
         let (rs, notes) = render(&st, &slots, &self.render_cfg());
         for (_, n) in &notes {
             tracing::warn!("{n}");
@@ -248,7 +250,7 @@ impl Engine {
             .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
         let mut slots = self.slots.clone();
         slots
-            .sync(&next)
+            .sync(&next, bucket_space(self.cfg.masquerade_mark))
             .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
         let (rs, render_notes) = render(&next, &slots, &self.render_cfg());
         // Report only on farms this request changed.
@@ -1040,7 +1042,7 @@ mod saved_tests {
                      {"name":"y","virtual-ports":"53","protocol":"udp"}]}"#).unwrap();
         apply_document(&mut a, &doc, &ApplyMode::Upsert, &cfg).unwrap();
         let mut slots = Slots::default();
-        slots.sync(&a).unwrap();
+        slots.sync(&a, bucket_space(0x8000_0000)).unwrap();
         let (t1, frags) = saved_text(&State::default(), &Fragments::default(), &a, &slots);
         assert_eq!(
             serde_json::from_str::<Value>(&t1).unwrap(),

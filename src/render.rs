@@ -2,20 +2,26 @@
 //! the [`Ruleset`] that implements it.
 //!
 //! Layout, per family (`table ip nftlb`, `table ip6 nftlb`):
-//! - `prerouting` (nat, dstnat) looks each new flow up in two interval verdict maps:
-//!   `svc` (`l4proto . vip . port-range`) and `svcp` for port-only services
-//!   (`l4proto . port-range`). A port range is one interval element, never expanded, and
-//!   the lookup cost does not depend on the number of farms.
-//! - Each served farm has one small chain, `farm-NAME`, holding one rule per transport
-//!   protocol: `dnat to <scheduler> mod W offset O map @bk_tcp`. Every farm owns a block
-//!   `[O, O + size)` of a shared 32-bit bucket space (its [`Slot`]); the shared maps
-//!   `bk_tcp`/`bk_udp`/`bk_sctp` (backend address and port) and `bki` (address only) map
-//!   each bucket to a backend with exact-match hash elements, so a backend change adds and
-//!   deletes only that farm's W elements, each in O(1), and rewrites its one-line chain.
-//! - `postrouting` (nat, srcnat) applies per-backend or per-farm source addresses from the
-//!   `srcaddr`/`srcaddrp` maps (keyed on the original destination and the chosen backend),
-//!   then masquerades flows whose conntrack mark carries the masquerade bit (`-m`).
-//! - There are no per-farm sets or anonymous maps: both make kernel loading quadratic.
+//! - `prerouting` (nat, dstnat) looks each new flow up in verdict maps: `svcx`
+//!   (`l4proto . vip . port`, exact match) and `svc` (the same with port ranges, interval),
+//!   then `svcpx`/`svcp` for port-only services. A port range is one interval element,
+//!   never expanded; a list of ports is one exact element per listed port. The lookup
+//!   cost does not depend on the number of farms.
+//! - The service element jumps to the farm's chain `farm-NAME`, which holds its
+//!   scheduler and nothing else: `ct mark set numgen inc mod W offset O; goto pick`.
+//!   Every farm owns a block `[O, O + size)` of the conntrack-mark space (its [`Slot`]);
+//!   the value written is the flow's bucket, with the masquerade bit (`-m`) added for
+//!   farms that masquerade, as nftlb's backend marks are.
+//! - One shared chain, `pick`, turns the bucket into the backend: `dnat to ct mark map
+//!   @bk` (address and port) or `@bki` (address only). These exact-match maps hold every
+//!   farm's buckets and are referenced by one rule each; a backend change rewrites only
+//!   that farm's one-line chain and adds or deletes its bucket elements, each O(1).
+//! - `postrouting` (nat, srcnat) applies per-bucket source addresses (`snat to ct mark
+//!   map @srcaddr`: the backend's `source-addr`, else the farm's), then masquerades flows
+//!   whose conntrack mark carries the masquerade bit.
+//! - No map is referenced by a per-farm rule (the kernel re-validates a map's elements
+//!   for every rule bound to it), and there are no per-farm sets or anonymous maps (they
+//!   make loading quadratic).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -53,8 +59,15 @@ pub struct Slots {
     next: u64,
 }
 
-/// Size of the bucket space (numgen and jhash results are 32-bit).
-const BUCKET_SPACE: u64 = 1 << 32;
+/// The first offset handed out: bucket 0 and its neighbours stay unused, so that a
+/// flow whose conntrack mark was never set cannot match a backend.
+const FIRST_OFFSET: u64 = 16;
+
+/// The bucket space under a masquerade mark: the values below its lowest bit, so that a
+/// bucket never carries the masquerade bit by itself.
+pub fn bucket_space(masquerade_mark: u32) -> u64 {
+    1u64 << masquerade_mark.trailing_zeros().min(32)
+}
 
 impl Slots {
     /// The block of a farm, if it has one.
@@ -63,8 +76,9 @@ impl Slots {
     }
 
     /// Frees the blocks of farms that are gone and gives every farm a block large enough
-    /// for its buckets. Blocks never shrink, so weight changes do not move a farm.
-    pub fn sync(&mut self, state: &State) -> Result<(), String> {
+    /// for its buckets, below `space`. Blocks never shrink, so weight changes do not move
+    /// a farm.
+    pub fn sync(&mut self, state: &State, space: u64) -> Result<(), String> {
         let gone: Vec<String> = self
             .by_farm
             .keys()
@@ -86,7 +100,7 @@ impl Slots {
                 }
                 None => {}
             }
-            let offset = self.alloc(need).ok_or_else(|| {
+            let offset = self.alloc(need, space).ok_or_else(|| {
                 format!(
                     "farm '{}': no room left for {need} scheduling buckets (too many farms or weights)",
                     farm.name
@@ -98,11 +112,12 @@ impl Slots {
         Ok(())
     }
 
-    fn alloc(&mut self, size: u32) -> Option<u32> {
+    fn alloc(&mut self, size: u32, space: u64) -> Option<u32> {
         if let Some(off) = self.free.get_mut(&size).and_then(Vec::pop) {
             return Some(off);
         }
-        if self.next + u64::from(size) > BUCKET_SPACE {
+        self.next = self.next.max(FIRST_OFFSET);
+        if self.next + u64::from(size) > space {
             return None;
         }
         let off = self.next as u32;
@@ -145,62 +160,54 @@ fn map(spec: String) -> MapDef {
     }
 }
 
-/// Name of the backend map: with backend ports, one per transport protocol (the data is
-/// declared with that protocol's port field; nft 1.0.6 refuses `th dport` there after a
-/// protocol match); without ports, one for all.
-fn bk_map(with_port: bool, p: &str) -> String {
-    if with_port {
-        format!("bk_{p}")
-    } else {
-        "bki".to_string()
-    }
-}
-
 fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
     let ip = ip_kw(fam);
     let at = addr_type(fam);
     let mut t = Table::default();
-    t.maps.insert(
-        "svc".into(),
-        map(format!(
-            "type inet_proto . {at} . inet_service : verdict; flags interval;"
-        )),
-    );
-    t.maps.insert(
-        "svcp".into(),
-        map("type inet_proto . inet_service : verdict; flags interval;".into()),
-    );
-    // The bucket is typed like numgen's result (a 32-bit integer); the modulus in the
-    // declaration does not matter.
-    for p in ["tcp", "udp", "sctp"] {
-        t.maps.insert(
-            bk_map(true, p),
-            map(format!("typeof numgen inc mod 1 : {ip} daddr . {p} dport;")),
-        );
+    for (name, spec) in [
+        (
+            "svcx",
+            format!("type inet_proto . {at} . inet_service : verdict;"),
+        ),
+        (
+            "svc",
+            format!("type inet_proto . {at} . inet_service : verdict; flags interval;"),
+        ),
+        (
+            "svcpx",
+            "type inet_proto . inet_service : verdict;".to_string(),
+        ),
+        (
+            "svcp",
+            "type inet_proto . inet_service : verdict; flags interval;".to_string(),
+        ),
+        ("bk", format!("type mark : {at} . inet_service;")),
+        ("bki", format!("type mark : {at};")),
+        ("srcaddr", format!("type mark : {at};")),
+    ] {
+        t.maps.insert(name.into(), map(spec));
     }
-    t.maps.insert(
-        bk_map(false, "tcp"),
-        map(format!("typeof numgen inc mod 1 : {ip} daddr;")),
-    );
-    t.maps.insert(
-        "srcaddr".into(),
-        map(format!(
-            "type inet_proto . {at} . inet_service . {at} . inet_service : {at}; flags interval;"
-        )),
-    );
-    t.maps.insert(
-        "srcaddrp".into(),
-        map(format!(
-            "type inet_proto . inet_service . {at} . inet_service : {at}; flags interval;"
-        )),
-    );
     t.chains.insert(
         "prerouting".into(),
         Chain {
             base: Some("type nat hook prerouting priority dstnat; policy accept;".into()),
             rules: vec![
+                format!("meta l4proto . {ip} daddr . th dport vmap @svcx"),
                 format!("meta l4proto . {ip} daddr . th dport vmap @svc"),
+                "meta l4proto . th dport vmap @svcpx".into(),
                 "meta l4proto . th dport vmap @svcp".into(),
+            ],
+        },
+    );
+    t.chains.insert(
+        "pick".into(),
+        Chain {
+            base: None,
+            rules: vec![
+                format!("meta l4proto {{ tcp, udp, sctp }} dnat {ip} to ct mark map @bk"),
+                format!("dnat {ip} to ct mark map @bki"),
+                // A bucket without a backend: refuse the new flow.
+                "drop".into(),
             ],
         },
     );
@@ -210,8 +217,7 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         Chain {
             base: Some("type nat hook postrouting priority srcnat; policy accept;".into()),
             rules: vec![
-                format!("meta l4proto {{ tcp, udp, sctp }} snat {ip} to meta l4proto . ct original {ip} daddr . ct original proto-dst . {ip} daddr . th dport map @srcaddr"),
-                format!("meta l4proto {{ tcp, udp, sctp }} snat {ip} to meta l4proto . ct original proto-dst . {ip} daddr . th dport map @srcaddrp"),
+                format!("snat {ip} to ct mark map @srcaddr"),
                 format!("ct mark and 0x{masq:x} == 0x{masq:x} masquerade"),
             ],
         },
@@ -219,8 +225,8 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
     t
 }
 
-/// The scheduler expression over `modulus` buckets in a rule for transport protocol `p`.
-fn sched_expr(farm: &Farm, fam: TableFamily, p: &str, modulus: u32) -> String {
+/// The scheduler expression over `modulus` buckets.
+fn sched_expr(farm: &Farm, fam: TableFamily, modulus: u32) -> String {
     let ip = ip_kw(fam);
     match farm.scheduler {
         Scheduler::Rr => format!("numgen inc mod {modulus}"),
@@ -234,8 +240,8 @@ fn sched_expr(farm: &Farm, fam: TableFamily, p: &str, modulus: u32) -> String {
                 .map(|f| match *f {
                     "srcip" => format!("{ip} saddr"),
                     "dstip" => format!("{ip} daddr"),
-                    "srcport" => format!("{p} sport"),
-                    "dstport" => format!("{p} dport"),
+                    "srcport" => "th sport".to_string(),
+                    "dstport" => "th dport".to_string(),
                     "srcmac" => "ether saddr".to_string(),
                     _ => "ether daddr".to_string(),
                 })
@@ -395,6 +401,11 @@ fn insert(t: &mut Table, map: &str, key: String, value: String) {
         .insert(key, value);
 }
 
+/// A conntrack-mark value as nft writes it.
+fn mark(v: u32) -> String {
+    format!("0x{v:08x}")
+}
+
 fn render_farm(
     state: &State,
     farm: &Farm,
@@ -422,87 +433,66 @@ fn render_farm(
         return;
     }
     let chain_name = farm_chain(&farm.name);
+    let goto = format!("goto {chain_name}");
+    for a in &addrs {
+        for p in a.protocol.l4() {
+            for r in a.ports.ranges() {
+                let single = r.lo == r.hi;
+                let (map, key) = match (a.ip_addr, single) {
+                    (Some(vip), true) => ("svcx", format!("{p} . {vip} . {r}")),
+                    (Some(vip), false) => ("svc", format!("{p} . {vip} . {r}")),
+                    (None, true) => ("svcpx", format!("{p} . {r}")),
+                    (None, false) => ("svcp", format!("{p} . {r}")),
+                };
+                insert(t, map, key, goto.clone());
+            }
+        }
+    }
     let (picks, total) = picks(farm, statuses, fam);
+    // The original's rule: backend ports are used only when every backend has one.
     let with_port = picks.iter().all(|s| s.backend.port.is_some());
     let src_farm = farm.source_addr.filter(|s| fam_matches(fam, s));
     let masquerade = farm.mode == Mode::Snat && src_farm.is_none();
-    let mut protos: Vec<&'static str> = Vec::new();
-    for a in &addrs {
-        for p in a.protocol.l4() {
-            if !protos.contains(p) {
-                protos.push(p);
-            }
-            for r in a.ports.ranges() {
-                let (svc_map, svc_key) = match a.ip_addr {
-                    Some(vip) => ("svc", format!("{p} . {vip} . {r}")),
-                    None => ("svcp", format!("{p} . {r}")),
-                };
-                insert(t, svc_map, svc_key, format!("goto {chain_name}"));
-                if farm.mode != Mode::Snat {
-                    continue;
-                }
-                // Source address per (service, backend): the backend's, else the farm's.
-                for pk in &picks {
-                    let Some(src) = pk
-                        .backend
-                        .source_addr
-                        .filter(|x| fam_matches(fam, x))
-                        .or(src_farm)
-                    else {
-                        continue;
-                    };
-                    let bport = match pk.backend.port {
-                        Some(bp) if with_port => bp.to_string(),
-                        _ => r.to_string(),
-                    };
-                    let (map, key) = match a.ip_addr {
-                        Some(vip) => (
-                            "srcaddr",
-                            format!("{p} . {vip} . {r} . {} . {bport}", pk.ip),
-                        ),
-                        None => ("srcaddrp", format!("{p} . {r} . {} . {bport}", pk.ip)),
-                    };
-                    insert(t, map, key, src.to_string());
-                }
-            }
-        }
-    }
-    // Bucket elements, once per backend map this farm uses.
-    let maps: Vec<String> = if with_port {
-        protos.iter().map(|p| bk_map(true, p)).collect()
+    let base = if masquerade {
+        slot.offset | cfg.masquerade_mark
     } else {
-        vec![bk_map(false, "")]
+        slot.offset
     };
-    for m in &maps {
-        for pk in &picks {
-            let data = match (with_port, pk.backend.port) {
-                (true, Some(bp)) => format!("{} . {bp}", pk.ip),
-                _ => pk.ip.to_string(),
-            };
-            for b in pk.lo..pk.lo + pk.n {
-                insert(t, m, (slot.offset + b).to_string(), data.clone());
+    for pk in &picks {
+        let (map, data) = match (with_port, pk.backend.port) {
+            (true, Some(bp)) => ("bk", format!("{} . {bp}", pk.ip)),
+            _ => ("bki", pk.ip.to_string()),
+        };
+        let src = if farm.mode == Mode::Snat {
+            pk.backend
+                .source_addr
+                .filter(|x| fam_matches(fam, x))
+                .or(src_farm)
+        } else {
+            None
+        };
+        for b in pk.lo..pk.lo + pk.n {
+            insert(t, map, mark(base + b), data.clone());
+            if let Some(src) = src {
+                insert(t, "srcaddr", mark(base + b), src.to_string());
             }
         }
     }
-    let mut rules = Vec::new();
-    if total > 0 {
-        let masq = if masquerade {
-            format!("ct mark set ct mark or 0x{:x} ", cfg.masquerade_mark)
-        } else {
-            String::new()
-        };
-        for p in &protos {
-            rules.push(format!(
-                "meta l4proto {p} {masq}dnat {ip} to {} offset {} map @{}",
-                sched_expr(farm, fam, p, total),
-                slot.offset,
-                bk_map(with_port, p)
-            ));
-        }
-    }
-    // No usable backend (or a lookup miss): refuse the new flow rather than let it reach
-    // a local socket on the virtual address.
-    rules.push("drop".into());
+    let rules = if total > 0 {
+        vec![
+            format!(
+                "ct mark set {} offset {}",
+                sched_expr(farm, fam, total),
+                mark(base)
+            ),
+            "goto pick".to_string(),
+        ]
+    } else {
+        // No usable backend: refuse new flows rather than let them reach a local
+        // socket on the virtual address.
+        vec!["drop".to_string()]
+    };
+    let _ = ip;
     t.chains.insert(chain_name, Chain { base: None, rules });
 }
 
@@ -534,7 +524,7 @@ mod tests {
 
     fn slots(st: &State) -> Slots {
         let mut s = Slots::default();
-        s.sync(st).unwrap();
+        s.sync(st, bucket_space(0x8000_0000)).unwrap();
         s
     }
 
@@ -597,7 +587,7 @@ mod tests {
         let after = state(v);
         let mut sl = slots(&before);
         let old = render(&before, &sl, &CFG).0;
-        sl.sync(&after).unwrap();
+        sl.sync(&after, bucket_space(0x8000_0000)).unwrap();
         let tx = plan(&old, &render(&after, &sl, &CFG).0);
         let f7 = sl.get("f7").unwrap().offset;
         // Only farm f7's chain is rewritten (W 2 -> 1) and its buckets change.
@@ -605,9 +595,15 @@ mod tests {
             tx.commands,
             vec![
                 "flush chain ip nftlb farm-f7".to_string(),
-                format!("add rule ip nftlb farm-f7 meta l4proto tcp ct mark set ct mark or 0x80000000 dnat ip to numgen inc mod 1 offset {f7} map @bki"),
-                "add rule ip nftlb farm-f7 drop".to_string(),
-                format!("delete element ip nftlb bki {{ {} }}", f7 + 1),
+                format!(
+                    "add rule ip nftlb farm-f7 ct mark set numgen inc mod 1 offset 0x{:08x}",
+                    0x8000_0000 | f7
+                ),
+                "add rule ip nftlb farm-f7 goto pick".to_string(),
+                format!(
+                    "delete element ip nftlb bki {{ 0x{:08x} }}",
+                    0x8000_0000 | (f7 + 1)
+                ),
             ]
         );
     }

@@ -258,7 +258,7 @@ fn http_keep_alive_chunked_bodies_and_json_content_type() {
         "{err}"
     );
     // The change is in the kernel.
-    let l = ns.run(&["nft", "list", "map", "ip", "nftlb", "svc"]);
+    let l = ns.run(&["nft", "list", "map", "ip", "nftlb", "svcx"]);
     assert!(String::from_utf8_lossy(&l.stdout).contains("goto farm-lb"));
 }
 

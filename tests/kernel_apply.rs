@@ -312,7 +312,7 @@ fn more_backends_than_the_originals_4095_mark_limit() {
     );
     assert_eq!(e.fallbacks(), 0);
     let out = a
-        .nft("", &["list", "map", "ip", "nftlb", "bk_tcp"])
+        .nft("", &["list", "map", "ip", "nftlb", "bk"])
         .unwrap();
     assert_eq!(
         out.matches(" . 8080").count(),
