@@ -311,9 +311,7 @@ fn more_backends_than_the_originals_4095_mark_limit() {
         200
     );
     assert_eq!(e.fallbacks(), 0);
-    let out = a
-        .nft("", &["list", "map", "ip", "nftlb", "bk"])
-        .unwrap();
+    let out = a.nft("", &["list", "map", "ip", "nftlb", "bk"]).unwrap();
     assert_eq!(
         out.matches(" . 8080").count(),
         5000,
