@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 use crate::document::{self, ApplyMode, DocError, ParseConfig, View};
 use crate::kernel::{Kernel, KernelError};
 use crate::model::*;
+use crate::netinfo::NetView;
 use crate::render::{bucket_space, render, RenderConfig, Slots};
 use crate::ruleset::{parse_listing, plan, resync, Ruleset, TableFamily, TABLE};
 use crate::store::Store;
@@ -187,7 +188,8 @@ impl Engine {
         slots
             .sync(&st, bucket_space(self.cfg.masquerade_mark))
             .map_err(|e| format!("configuration: {e}"))?;
-        let (rs, notes) = render(&st, &slots, &self.render_cfg());
+        let net = NetView::default();
+        let (rs, notes) = render(&st, &slots, &net, &self.render_cfg());
         for (_, n) in &notes {
             tracing::warn!("{n}");
         }
@@ -211,7 +213,7 @@ impl Engine {
     /// Makes the kernel hold exactly `rs`, whatever our tables contain now.
     fn resync_kernel(&mut self, rs: &Ruleset) -> Result<(), String> {
         let mut present = BTreeMap::new();
-        for fam in TableFamily::ALL {
+        for fam in [TableFamily::Ip, TableFamily::Ip6, TableFamily::Netdev] {
             if let Ok(text) = self
                 .kernel
                 .list(&format!("list table {} {TABLE}", fam.as_str()))
@@ -252,7 +254,8 @@ impl Engine {
         slots
             .sync(&next, bucket_space(self.cfg.masquerade_mark))
             .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
-        let (rs, render_notes) = render(&next, &slots, &self.render_cfg());
+        let net = NetView::default();
+        let (rs, render_notes) = render(&next, &slots, &net, &self.render_cfg());
         // Report only on farms this request changed.
         notes.extend(
             render_notes

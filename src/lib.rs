@@ -12,6 +12,7 @@ pub mod engine;
 pub mod kernel;
 pub mod logging;
 pub mod model;
+pub mod netinfo;
 pub mod render;
 pub mod ruleset;
 pub mod store;

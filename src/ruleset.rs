@@ -17,16 +17,19 @@ pub enum TableFamily {
     Ip,
     /// `table ip6 nftlb`.
     Ip6,
+    /// `table netdev nftlb` (DSR and stateless DNAT, at ingress).
+    Netdev,
 }
 
 impl TableFamily {
-    /// Both families, in rendering order.
+    /// The two families of the conntrack/NAT tables, in rendering order.
     pub const ALL: [TableFamily; 2] = [TableFamily::Ip, TableFamily::Ip6];
     /// nft's spelling.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ip => "ip",
             Self::Ip6 => "ip6",
+            Self::Netdev => "netdev",
         }
     }
 }
@@ -249,6 +252,12 @@ pub fn parse_listing(text: &str) -> Listing {
 pub fn resync(desired: &Ruleset, present: &BTreeMap<TableFamily, Listing>) -> Transaction {
     let mut tx = Transaction::default();
     let c = &mut tx.commands;
+    // Our tables that are no longer wanted at all.
+    for fam in present.keys() {
+        if !desired.tables.contains_key(fam) {
+            c.push(format!("delete table {} {TABLE}", fam.as_str()));
+        }
+    }
     for (fam, t) in &desired.tables {
         let f = fam.as_str();
         c.push(format!("add table {f} {TABLE}"));

@@ -29,7 +29,10 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::model::*;
+use crate::netinfo::NetView;
 use crate::ruleset::{Chain, MapDef, Ruleset, Table, TableFamily};
+
+pub mod netdev;
 
 /// Settings that rendering depends on.
 #[derive(Debug, Clone, Copy)]
@@ -128,14 +131,14 @@ impl Slots {
 
 fn ip_kw(fam: TableFamily) -> &'static str {
     match fam {
-        TableFamily::Ip => "ip",
+        TableFamily::Ip | TableFamily::Netdev => "ip",
         TableFamily::Ip6 => "ip6",
     }
 }
 
 fn addr_type(fam: TableFamily) -> &'static str {
     match fam {
-        TableFamily::Ip => "ipv4_addr",
+        TableFamily::Ip | TableFamily::Netdev => "ipv4_addr",
         TableFamily::Ip6 => "ipv6_addr",
     }
 }
@@ -309,7 +312,12 @@ fn buckets_needed(state: &State, farm: &Farm) -> u32 {
 
 /// Renders the whole state. Also returns notes about accepted but unrendered settings.
 /// Every farm must have a slot (see [`Slots::sync`]).
-pub fn render(state: &State, slots: &Slots, cfg: &RenderConfig) -> (Ruleset, Vec<Note>) {
+pub fn render(
+    state: &State,
+    slots: &Slots,
+    net: &NetView,
+    cfg: &RenderConfig,
+) -> (Ruleset, Vec<Note>) {
     let mut rs = Ruleset::default();
     let mut notes = Vec::new();
     for fam in TableFamily::ALL {
@@ -321,6 +329,10 @@ pub fn render(state: &State, slots: &Slots, cfg: &RenderConfig) -> (Ruleset, Vec
         }
         match farm.mode {
             Mode::Snat | Mode::Dnat => {}
+            Mode::Dsr | Mode::Stlsdnat => {
+                netdev::render_farm(state, farm, slots, net, cfg, &mut rs, &mut notes);
+                continue;
+            }
             other => {
                 notes.push((
                     farm.name.clone(),
@@ -529,7 +541,7 @@ mod tests {
     }
 
     fn rendered(st: &State) -> (Ruleset, Vec<Note>) {
-        render(st, &slots(st), &CFG)
+        render(st, &slots(st), &NetView::default(), &CFG)
     }
 
     fn text(st: &State) -> String {
@@ -586,9 +598,9 @@ mod tests {
         v["farms"][7]["backends"][1]["state"] = json!("down");
         let after = state(v);
         let mut sl = slots(&before);
-        let old = render(&before, &sl, &CFG).0;
+        let old = render(&before, &sl, &NetView::default(), &CFG).0;
         sl.sync(&after, bucket_space(0x8000_0000)).unwrap();
-        let tx = plan(&old, &render(&after, &sl, &CFG).0);
+        let tx = plan(&old, &render(&after, &sl, &NetView::default(), &CFG).0);
         let f7 = sl.get("f7").unwrap().offset;
         // Only farm f7's chain is rewritten (W 2 -> 1) and its buckets change.
         assert_eq!(
