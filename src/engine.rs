@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use crate::document::{self, ApplyMode, DocError, ParseConfig, View};
 use crate::kernel::{Kernel, KernelError};
 use crate::model::*;
-use crate::netinfo::NetView;
+use crate::netinfo;
 use crate::render::{bucket_space, render, RenderConfig, Slots};
 use crate::ruleset::{parse_listing, plan, resync, Ruleset, TableFamily, TABLE};
 use crate::store::Store;
@@ -188,7 +188,7 @@ impl Engine {
         slots
             .sync(&st, bucket_space(self.cfg.masquerade_mark))
             .map_err(|e| format!("configuration: {e}"))?;
-        let net = NetView::default();
+        let net = netinfo::gather(&st);
         let (rs, notes) = render(&st, &slots, &net, &self.render_cfg());
         for (_, n) in &notes {
             tracing::warn!("{n}");
@@ -254,7 +254,7 @@ impl Engine {
         slots
             .sync(&next, bucket_space(self.cfg.masquerade_mark))
             .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
-        let net = NetView::default();
+        let net = netinfo::gather(&next);
         let (rs, render_notes) = render(&next, &slots, &net, &self.render_cfg());
         // Report only on farms this request changed.
         notes.extend(
@@ -321,6 +321,11 @@ impl Engine {
         let segs: Vec<&str> = req.path.split('/').filter(|s| !s.is_empty()).collect();
         let result = match req.method.as_str() {
             "GET" => return self.get(&segs),
+            // Internal: the network changed (netinfo::watch); render again.
+            "REFRESH" => {
+                let next = self.state.clone();
+                self.commit(next, Vec::new())
+            }
             "POST" | "PUT" => self.post(&segs, &req.body),
             "PATCH" => self.patch(&segs, &req.body),
             "DELETE" => self.delete(&segs, &req.body),

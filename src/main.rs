@@ -92,6 +92,23 @@ fn run(args: Args) -> Result<(), String> {
         })
         .map_err(|e| format!("cannot start the writer thread: {e}"))?;
 
+    // Re-render when interfaces, addresses or neighbours change (DSR, stateless DNAT).
+    let refresh = tx.clone();
+    std::thread::Builder::new()
+        .name("netwatch".into())
+        .spawn(move || {
+            nftlb::netinfo::watch(move || {
+                let (reply, _) = tokio::sync::oneshot::channel();
+                let req = nftlb::engine::Request {
+                    method: "REFRESH".into(),
+                    path: String::new(),
+                    body: Vec::new(),
+                };
+                let _ = refresh.blocking_send((req, reply));
+            })
+        })
+        .map_err(|e| format!("cannot start the network watcher: {e}"))?;
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -113,8 +130,9 @@ fn run(args: Args) -> Result<(), String> {
             .await
             .map_err(|e| format!("server error: {e}"))
     })?;
-    // The router (and its sender) is gone: the writer drains and stops.
-    let _ = writer.join();
+    // The server has answered every request it accepted, so the writer is idle; it and
+    // the network watcher end with the process.
+    drop(writer);
     tracing::info!("shutting down; rules stay in place");
     Ok(())
 }
