@@ -13,7 +13,7 @@ use crate::document::{self, ApplyMode, DocError, ParseConfig, View};
 use crate::kernel::{Kernel, KernelError};
 use crate::model::*;
 use crate::netinfo;
-use crate::render::{bucket_space, render, RenderConfig, Slots};
+use crate::render::{bucket_space, id_base, render, session_maps, RenderConfig, Slots};
 use crate::ruleset::{parse_listing, plan, resync, Ruleset, TableFamily, TABLE};
 use crate::store::Store;
 
@@ -264,7 +264,10 @@ impl Engine {
                 .map(|(_, n)| n),
         );
         let t1 = Instant::now();
-        let tx = plan(&self.ruleset, &rs);
+        let mut tx = plan(&self.ruleset, &rs);
+        // Persistence entries that point at backends which can no longer carry flows
+        // (down, deleted, invalid) go in the same transaction.
+        tx.commands.extend(self.stale_session_deletes(&next, &rs));
         let t2 = Instant::now();
         if !tx.is_empty() {
             tracing::debug!("transaction:\n{}", tx.to_text());
@@ -313,6 +316,104 @@ impl Engine {
             self.fragments = f;
         }
         Ok(notes)
+    }
+
+    /// The dynamic (kernel-learnt) sessions of a farm in every family.
+    fn dynamic_sessions(&mut self, state: &State, slots: &Slots, farm: &str) -> Vec<DynSession> {
+        let cfg = self.render_cfg();
+        let (Some(farm), Some(slot)) = (state.farms.get(farm), slots.get(farm)) else {
+            return Vec::new();
+        };
+        if farm.persistence.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for fam in TableFamily::ALL {
+            let (ps, _) = session_maps(farm, slot, fam, &cfg);
+            let base = id_base(farm, slot, fam, &cfg);
+            let Ok(v) = self
+                .kernel
+                .list_json(&format!("list map {} {TABLE} {ps}", fam.as_str()))
+            else {
+                continue;
+            };
+            for (client, mark, expires) in parse_map_elements(&v) {
+                let backend = slot
+                    .ids
+                    .iter()
+                    .find(|(_, id)| mark.checked_sub(base) == Some(**id))
+                    .map(|(n, _)| n.clone());
+                out.push(DynSession {
+                    fam,
+                    map: ps.clone(),
+                    client,
+                    mark,
+                    backend,
+                    expires,
+                });
+            }
+        }
+        out
+    }
+
+    /// `delete element` commands for persistence entries of backends that could carry
+    /// flows before this change and cannot after it.
+    fn stale_session_deletes(&mut self, next: &State, rs: &Ruleset) -> Vec<String> {
+        let natable = |st: &State, f: &Farm| -> Vec<String> {
+            f.backends
+                .iter()
+                .zip(st.backend_statuses(f))
+                .filter(|(_, s)| {
+                    matches!(
+                        s,
+                        BackendStatus::Up | BackendStatus::Available | BackendStatus::Off
+                    )
+                })
+                .map(|(b, _)| b.name.clone())
+                .collect()
+        };
+        let mut out = Vec::new();
+        let old_state = self.state.clone();
+        let old_slots = self.slots.clone();
+        for (name, old_farm) in &old_state.farms {
+            if old_farm.persistence.is_empty() {
+                continue;
+            }
+            let before = natable(&old_state, old_farm);
+            let after = next
+                .farms
+                .get(name)
+                .map(|f| natable(next, f))
+                .unwrap_or_default();
+            let gone: Vec<&String> = before.iter().filter(|b| !after.contains(b)).collect();
+            if gone.is_empty() {
+                continue;
+            }
+            let Some(slot) = old_slots.get(name) else {
+                continue;
+            };
+            let gone_marks: Vec<u32> = gone
+                .iter()
+                .filter_map(|b| slot.ids.get(*b))
+                .flat_map(|id| {
+                    TableFamily::ALL
+                        .iter()
+                        .map(|fam| id_base(old_farm, slot, *fam, &self.render_cfg()) + id)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            for s in self.dynamic_sessions(&old_state, &old_slots, name) {
+                // Only maps that survive the change; a replaced map goes away whole.
+                let kept = rs
+                    .tables
+                    .get(&s.fam)
+                    .is_some_and(|t| t.maps.contains_key(&s.map));
+                if kept && gone_marks.contains(&s.mark) {
+                    out.push(s.delete_command());
+                }
+            }
+        }
+        out
     }
 
     /// Handles one API request.
@@ -396,7 +497,7 @@ impl Engine {
     }
 
     fn get(&mut self, segs: &[&str]) -> Reply {
-        let st = &self.state;
+        let st = &self.state.clone();
         let unknown = |what: &str, name: &str| {
             Failure::new(404, "invalid request", format!("Unknown {what} '{name}'")).reply()
         };
@@ -419,8 +520,25 @@ impl Engine {
             },
             ["farms", name, "sessions"] => match st.farms.get(*name) {
                 Some(f) => {
+                    let mut list = match document::sessions_json(f) {
+                        Value::Array(a) => a,
+                        _ => Vec::new(),
+                    };
+                    let (state, slots) = (self.state.clone(), self.slots.clone());
+                    for d in self.dynamic_sessions(&state, &slots, name) {
+                        let mut m = Map::new();
+                        m.insert("client".into(), Value::String(d.client));
+                        m.insert(
+                            "backend".into(),
+                            Value::String(d.backend.unwrap_or_else(|| "UNDEFINED".into())),
+                        );
+                        if let Some(e) = d.expires {
+                            m.insert("expiration".into(), Value::String(format!("{e}s")));
+                        }
+                        list.push(Value::Object(m));
+                    }
                     let mut m = Map::new();
-                    m.insert("sessions".into(), document::sessions_json(f));
+                    m.insert("sessions".into(), Value::Array(list));
                     Reply::document(Value::Object(m))
                 }
                 None => unknown("farm", name),
@@ -469,6 +587,7 @@ impl Engine {
             );
         }
         let mut next = self.state.clone();
+        let mut dynamic_deletes: Vec<String> = Vec::new();
         let nf = |base: &str, what: String| Failure::new(404, base, what);
         match segs {
             ["farms"] => {
@@ -518,6 +637,13 @@ impl Engine {
                             ));
                         }
                         farm.sessions.retain(|s| s.backend != *b);
+                        let (state, slots) = (self.state.clone(), self.slots.clone());
+                        dynamic_deletes = self
+                            .dynamic_sessions(&state, &slots, name)
+                            .into_iter()
+                            .filter(|d| d.backend.as_deref() == Some(*b))
+                            .map(|d| d.delete_command())
+                            .collect();
                     }
                     ["sessions"] => farm.sessions.clear(),
                     ["sessions", client] => {
@@ -527,10 +653,20 @@ impl Engine {
                         let before = farm.sessions.len();
                         farm.sessions.retain(|s| s.client != canon);
                         if farm.sessions.len() == before {
-                            return Err(nf(
-                                "error deleting session",
-                                format!("Unknown session '{client}' in farm '{name}'"),
-                            ));
+                            // Not static: a session the kernel learnt.
+                            let (state, slots) = (self.state.clone(), self.slots.clone());
+                            dynamic_deletes = self
+                                .dynamic_sessions(&state, &slots, name)
+                                .into_iter()
+                                .filter(|d| d.client == canon || d.client == client)
+                                .map(|d| d.delete_command())
+                                .collect();
+                            if dynamic_deletes.is_empty() {
+                                return Err(nf(
+                                    "error deleting session",
+                                    format!("Unknown session '{client}' in farm '{name}'"),
+                                ));
+                            }
                         }
                     }
                     ["addresses", a] => {
@@ -615,7 +751,13 @@ impl Engine {
             }
             _ => return Err(Failure::new(400, "invalid request", "unknown path")),
         }
-        self.commit(next, Vec::new())
+        let notes = self.commit(next, Vec::new())?;
+        if !dynamic_deletes.is_empty() {
+            self.kernel
+                .apply(&(dynamic_deletes.join("\n") + "\n"))
+                .map_err(|e| Failure::new(500, "error deleting session", e))?;
+        }
+        Ok(notes)
     }
 }
 
@@ -707,6 +849,60 @@ fn split_saved(saved: Value) -> (Value, Slots) {
         }
         other => (other, Slots::default()),
     }
+}
+
+/// A persistence entry learnt by the kernel.
+struct DynSession {
+    fam: TableFamily,
+    map: String,
+    client: String,
+    mark: u32,
+    backend: Option<String>,
+    expires: Option<u64>,
+}
+
+impl DynSession {
+    fn delete_command(&self) -> String {
+        format!(
+            "delete element {} {TABLE} {} {{ {} }}",
+            self.fam.as_str(),
+            self.map,
+            self.client
+        )
+    }
+}
+
+/// The elements of a map listed as nft JSON: (key text, mark value, seconds left).
+fn parse_map_elements(v: &Value) -> Vec<(String, u32, Option<u64>)> {
+    fn part(v: &Value) -> String {
+        match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+    let mut out = Vec::new();
+    let Some(items) = v.get("nftables").and_then(Value::as_array) else {
+        return out;
+    };
+    for item in items {
+        let Some(elems) = item.pointer("/map/elem").and_then(Value::as_array) else {
+            continue;
+        };
+        for e in elems {
+            let (Some(k), Some(val)) = (e.get(0), e.get(1).and_then(Value::as_u64)) else {
+                continue;
+            };
+            let inner = k.get("elem").unwrap_or(k);
+            let key = inner.get("val").unwrap_or(inner);
+            let client = match key.get("concat").and_then(Value::as_array) {
+                Some(parts) => parts.iter().map(part).collect::<Vec<_>>().join(" . "),
+                None => part(key),
+            };
+            let expires = inner.get("expires").and_then(Value::as_u64);
+            out.push((client, val as u32, expires));
+        }
+    }
+    out
 }
 
 fn kernel_failure(first: &KernelError, resync: &str) -> Failure {
@@ -865,11 +1061,11 @@ mod tests {
             &mut e,
             "POST",
             "/farms",
-            r#"{"farms":[{"name":"a","persistence":"srcip","virtual-ports":"80"}]}"#,
+            r#"{"farms":[{"name":"a","mode":"local","virtual-ports":"80"}]}"#,
         );
         assert_eq!(
             r.body,
-            r#"{"response": "success. Farm 'a': persistence stored but not enforced by this version"}"#
+            r#"{"response": "success. Farm 'a': mode 'local' is stored but not served by this version"}"#
         );
         let r = req(
             &mut e,

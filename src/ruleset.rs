@@ -43,6 +43,10 @@ pub struct MapDef {
     pub spec: String,
     /// Elements.
     pub elements: BTreeMap<String, String>,
+    /// The kernel owns the elements (a dynamic map filled by `update` statements, such as
+    /// persistence): they are never flushed or diffed, so they survive changes and
+    /// restarts.
+    pub dynamic: bool,
 }
 
 /// A chain: base chains carry their hook declaration.
@@ -315,6 +319,7 @@ mod tests {
             MapDef {
                 kind: "map",
                 spec: "type ipv4_addr : ipv4_addr;".into(),
+                dynamic: false,
                 elements: elems
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))

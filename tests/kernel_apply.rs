@@ -139,6 +139,12 @@ impl Kernel for NsKernel {
             .nft_keep(command, &["-t", "-f", "-"])
             .map_err(KernelError::Rejected)
     }
+    fn list_json(&mut self, command: &str) -> Result<serde_json::Value, KernelError> {
+        let out = Ns(self.0.clone())
+            .nft_keep(command, &["-j", "-f", "-"])
+            .map_err(KernelError::Rejected)?;
+        serde_json::from_str(&out).map_err(|e| KernelError::Unavailable(e.to_string()))
+    }
     fn name(&self) -> &'static str {
         "netns-cli"
     }

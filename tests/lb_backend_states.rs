@@ -138,7 +138,6 @@ fn deleting_a_backend_stops_its_traffic() {
 }
 
 #[test]
-#[ignore = "persistence is accepted by the API but not rendered into rules yet"]
 fn off_keeps_persistent_clients_down_does_not() {
     // nftlb semantics: an `off` backend takes no new clients, but clients pinned to it by
     // persistence keep going there; `down` also drops the pinned sessions.

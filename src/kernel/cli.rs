@@ -52,6 +52,11 @@ impl Kernel for CliKernel {
     fn list(&mut self, command: &str) -> Result<String, KernelError> {
         self.run(&["-t", "-f", "-"], command)
     }
+    fn list_json(&mut self, command: &str) -> Result<serde_json::Value, KernelError> {
+        let out = self.run(&["-j", "-f", "-"], command)?;
+        serde_json::from_str(&out)
+            .map_err(|e| KernelError::Unavailable(format!("nft printed invalid JSON: {e}")))
+    }
     fn name(&self) -> &'static str {
         "nft-cli"
     }

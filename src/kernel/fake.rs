@@ -25,6 +25,9 @@ impl Kernel for FakeKernel {
     fn list(&mut self, _command: &str) -> Result<String, KernelError> {
         Err(KernelError::Rejected("No such file or directory".into()))
     }
+    fn list_json(&mut self, _command: &str) -> Result<serde_json::Value, KernelError> {
+        Err(KernelError::Rejected("No such file or directory".into()))
+    }
     fn name(&self) -> &'static str {
         "fake"
     }

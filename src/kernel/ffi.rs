@@ -12,6 +12,7 @@ struct NftCtx {
 
 const NFT_CTX_DEFAULT: u32 = 0;
 const NFT_CTX_OUTPUT_TERSE: c_uint = 1 << 11;
+const NFT_CTX_OUTPUT_JSON: c_uint = 1 << 4;
 
 #[link(name = "nftables")]
 extern "C" {
@@ -94,6 +95,15 @@ impl Kernel for LibKernel {
     }
     fn list(&mut self, command: &str) -> Result<String, KernelError> {
         self.run(command)
+    }
+    fn list_json(&mut self, command: &str) -> Result<serde_json::Value, KernelError> {
+        // SAFETY: ctx is valid; flags are restored before returning.
+        unsafe { nft_ctx_output_set_flags(self.ctx, NFT_CTX_OUTPUT_JSON) };
+        let out = self.run(command);
+        // SAFETY: as above.
+        unsafe { nft_ctx_output_set_flags(self.ctx, NFT_CTX_OUTPUT_TERSE) };
+        serde_json::from_str(&out?)
+            .map_err(|e| KernelError::Unavailable(format!("nft printed invalid JSON: {e}")))
     }
     fn name(&self) -> &'static str {
         "libnftables"

@@ -27,6 +27,9 @@ pub trait Kernel: Send {
     /// Runs a read-only command (e.g. `list table ip nftlb`) and returns its text
     /// output, without set elements.
     fn list(&mut self, command: &str) -> Result<String, KernelError>;
+    /// Runs a read-only command and returns nft's JSON output (used for what only the
+    /// kernel knows: dynamic set elements with their expiry, counters).
+    fn list_json(&mut self, command: &str) -> Result<serde_json::Value, KernelError>;
     /// A short name for logs.
     fn name(&self) -> &'static str;
 }

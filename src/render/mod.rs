@@ -44,17 +44,22 @@ pub struct RenderConfig {
 /// Something in the state that is accepted but not rendered: (farm, message).
 pub type Note = (String, String);
 
-/// A farm's block of the shared bucket space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A farm's block of the conntrack-mark space: its scheduling buckets and its backends'
+/// identities both number from `offset` (they live in different maps).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Slot {
-    /// First bucket.
+    /// First value of the block.
     pub offset: u32,
-    /// Number of buckets reserved (a power of two, at least 16).
+    /// Number of values reserved (a power of two, at least 16).
     pub size: u32,
+    /// Stable identity of each backend within the block (`offset + id`), kept while the
+    /// backend exists so that persistence entries and conntrack marks stay valid.
+    #[serde(default)]
+    pub ids: BTreeMap<String, u32>,
 }
 
-/// Allocation of bucket blocks to farms. Kept by the engine and persisted with the
-/// state, so that a restart renders the same rules.
+/// Allocation of mark blocks to farms. Kept by the engine and persisted with the state,
+/// so that a restart renders the same rules and keeps sessions valid.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Slots {
     by_farm: HashMap<String, Slot>,
@@ -62,25 +67,25 @@ pub struct Slots {
     next: u64,
 }
 
-/// The first offset handed out: bucket 0 and its neighbours stay unused, so that a
-/// flow whose conntrack mark was never set cannot match a backend.
+/// The first offset handed out: mark 0 and its neighbours stay unused, so that a flow
+/// whose conntrack mark was never set cannot match a backend.
 const FIRST_OFFSET: u64 = 16;
 
-/// The bucket space under a masquerade mark: the values below its lowest bit, so that a
-/// bucket never carries the masquerade bit by itself.
+/// The mark space under a masquerade mark: the values below its lowest bit, so that a
+/// bucket or backend identity never carries the masquerade bit by itself.
 pub fn bucket_space(masquerade_mark: u32) -> u64 {
     1u64 << masquerade_mark.trailing_zeros().min(32)
 }
 
 impl Slots {
     /// The block of a farm, if it has one.
-    pub fn get(&self, farm: &str) -> Option<Slot> {
-        self.by_farm.get(farm).copied()
+    pub fn get(&self, farm: &str) -> Option<&Slot> {
+        self.by_farm.get(farm)
     }
 
-    /// Frees the blocks of farms that are gone and gives every farm a block large enough
-    /// for its buckets, below `space`. Blocks never shrink, so weight changes do not move
-    /// a farm.
+    /// Frees the blocks of farms that are gone, gives every backend an identity and
+    /// every farm a block large enough for its buckets and identities, below `space`.
+    /// Blocks never shrink, so weight changes do not move a farm.
     pub fn sync(&mut self, state: &State, space: u64) -> Result<(), String> {
         let gone: Vec<String> = self
             .by_farm
@@ -94,23 +99,60 @@ impl Slots {
             }
         }
         for farm in state.farms.values() {
-            let need = buckets_needed(state, farm).max(16).next_power_of_two();
-            match self.by_farm.get(&farm.name) {
-                Some(s) if s.size >= need => continue,
+            // Backend identities: keep existing ones, give new backends the lowest free.
+            let mut ids = self
+                .by_farm
+                .get(&farm.name)
+                .map(|s| s.ids.clone())
+                .unwrap_or_default();
+            ids.retain(|name, _| farm.backend_index(name).is_some());
+            let mut used: Vec<u32> = ids.values().copied().collect();
+            used.sort_unstable();
+            let mut next_free = 0u32;
+            let mut ui = 0;
+            for b in &farm.backends {
+                if ids.contains_key(&b.name) {
+                    continue;
+                }
+                while ui < used.len() && used[ui] <= next_free {
+                    if used[ui] == next_free {
+                        next_free += 1;
+                    }
+                    ui += 1;
+                }
+                ids.insert(b.name.clone(), next_free);
+                next_free += 1;
+            }
+            let max_id = ids.values().copied().max().map_or(0, |m| m + 1);
+            let need = buckets_needed(state, farm)
+                .max(max_id)
+                .max(16)
+                .next_power_of_two();
+            match self.by_farm.get_mut(&farm.name) {
+                Some(s) if s.size >= need => {
+                    s.ids = ids;
+                    continue;
+                }
                 Some(s) => {
-                    let s = *s;
-                    self.free.entry(s.size).or_default().push(s.offset);
+                    let (off, size) = (s.offset, s.size);
+                    self.free.entry(size).or_default().push(off);
                 }
                 None => {}
             }
             let offset = self.alloc(need, space).ok_or_else(|| {
                 format!(
-                    "farm '{}': no room left for {need} scheduling buckets (too many farms or weights)",
+                    "farm '{}': no room left for {need} marks (too many farms, backends or weights)",
                     farm.name
                 )
             })?;
-            self.by_farm
-                .insert(farm.name.clone(), Slot { offset, size: need });
+            self.by_farm.insert(
+                farm.name.clone(),
+                Slot {
+                    offset,
+                    size: need,
+                    ids,
+                },
+            );
         }
         Ok(())
     }
@@ -160,6 +202,68 @@ fn map(spec: String) -> MapDef {
         kind: "map",
         spec,
         elements: BTreeMap::new(),
+        dynamic: false,
+    }
+}
+
+/// FNV-1a, for short stable tags in object names (not for security).
+fn tag(text: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in text.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}")
+}
+
+/// The nft expression and type of a persistence key.
+fn persist_key(fields: &HashFields, fam: TableFamily) -> (String, String) {
+    let ip = ip_kw(fam);
+    let at = addr_type(fam);
+    let (exprs, types): (Vec<String>, Vec<&str>) = fields
+        .set_names()
+        .iter()
+        .map(|f| match *f {
+            "srcip" => (format!("{ip} saddr"), at),
+            "dstip" => (format!("{ip} daddr"), at),
+            "srcport" => ("th sport".to_string(), "inet_service"),
+            "dstport" => ("th dport".to_string(), "inet_service"),
+            "srcmac" => ("ether saddr".to_string(), "ether_addr"),
+            _ => ("ether daddr".to_string(), "ether_addr"),
+        })
+        .unzip();
+    (exprs.join(" . "), types.join(" . "))
+}
+
+/// Names of a farm's persistence and static-session maps in one family. The names carry
+/// a tag of everything their elements depend on (key type, timeout, mark base), so that a
+/// change of those makes new, empty maps instead of leaving stale entries behind.
+pub fn session_maps(
+    farm: &Farm,
+    slot: &Slot,
+    fam: TableFamily,
+    cfg: &RenderConfig,
+) -> (String, String) {
+    let (_, ty) = persist_key(&farm.persistence, fam);
+    let t = tag(&format!(
+        "{ty}|{}|{}",
+        farm.persist_ttl,
+        id_base(farm, slot, fam, cfg)
+    ));
+    (
+        format!("ps-{}-{t}", farm.name),
+        format!("ss-{}-{t}", farm.name),
+    )
+}
+
+/// The mark of backend identity 0 of a farm in one family: the block offset, plus the
+/// masquerade bit for farms that masquerade there.
+pub fn id_base(farm: &Farm, slot: &Slot, fam: TableFamily, cfg: &RenderConfig) -> u32 {
+    let src_farm = farm.source_addr.filter(|s| fam_matches(fam, s));
+    if farm.mode == Mode::Snat && src_farm.is_none() {
+        slot.offset | cfg.masquerade_mark
+    } else {
+        slot.offset
     }
 }
 
@@ -184,6 +288,7 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
             "svcp",
             "type inet_proto . inet_service : verdict; flags interval;".to_string(),
         ),
+        ("buckets", "type mark : mark;".to_string()),
         ("bk", format!("type mark : {at} . inet_service;")),
         ("bki", format!("type mark : {at};")),
         ("srcaddr", format!("type mark : {at};")),
@@ -203,13 +308,20 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         },
     );
     t.chains.insert(
+        "sched".into(),
+        Chain {
+            base: None,
+            rules: vec!["ct mark set ct mark map @buckets".into()],
+        },
+    );
+    t.chains.insert(
         "pick".into(),
         Chain {
             base: None,
             rules: vec![
                 format!("meta l4proto {{ tcp, udp, sctp }} dnat {ip} to ct mark map @bk"),
                 format!("dnat {ip} to ct mark map @bki"),
-                // A bucket without a backend: refuse the new flow.
+                // A mark without a backend: refuse the new flow.
                 "drop".into(),
             ],
         },
@@ -257,7 +369,6 @@ fn sched_expr(farm: &Farm, fam: TableFamily, modulus: u32) -> String {
 /// A backend chosen for scheduling in one family and its buckets `[lo, lo + n)`.
 struct Pick<'a> {
     backend: &'a Backend,
-    ip: IpAddr,
     lo: u32,
     n: u32,
 }
@@ -273,25 +384,21 @@ fn gcd(a: u32, b: u32) -> u32 {
 /// The usable backends of a farm in one family, with contiguous bucket ranges by weight
 /// (weights divided by their greatest common divisor), and the total W.
 fn picks<'a>(farm: &'a Farm, statuses: &[BackendStatus], fam: TableFamily) -> (Vec<Pick<'a>>, u32) {
-    let usable: Vec<(&Backend, IpAddr)> = farm
+    let usable: Vec<&Backend> = farm
         .backends
         .iter()
         .zip(statuses)
         .filter(|(_, st)| **st == BackendStatus::Up)
-        .filter_map(|(b, _)| {
-            b.ip_addr
-                .filter(|ip| fam_matches(fam, ip))
-                .map(|ip| (b, ip))
-        })
+        .filter(|(b, _)| b.ip_addr.is_some_and(|ip| fam_matches(fam, &ip)))
+        .map(|(b, _)| b)
         .collect();
-    let g = usable.iter().fold(0, |g, (b, _)| gcd(g, b.weight)).max(1);
+    let g = usable.iter().fold(0, |g, b| gcd(g, b.weight)).max(1);
     let mut out = Vec::with_capacity(usable.len());
     let mut total = 0u32;
-    for (b, ip) in usable {
+    for b in usable {
         let n = b.weight / g;
         out.push(Pick {
             backend: b,
-            ip,
             lo: total,
             n,
         });
@@ -376,9 +483,7 @@ pub fn render(
 fn unserved_keys(f: &Farm) -> Vec<&'static str> {
     let d = Farm::new(String::new());
     let mut out = Vec::new();
-    let checks: [(&'static str, bool); 13] = [
-        ("persistence", f.persistence != d.persistence),
-        ("sessions", !f.sessions.is_empty()),
+    let checks: [(&'static str, bool); 11] = [
         ("helper", f.helper != d.helper),
         ("log", f.log != d.log),
         ("mark", f.mark != d.mark),
@@ -422,12 +527,11 @@ fn render_farm(
     state: &State,
     farm: &Farm,
     statuses: &[BackendStatus],
-    slot: Slot,
+    slot: &Slot,
     fam: TableFamily,
     cfg: &RenderConfig,
     t: &mut Table,
 ) {
-    let ip = ip_kw(fam);
     // Addresses served in this family: with an IP of this family, or port-only in a
     // family that includes this one.
     let addrs: Vec<&Address> = state
@@ -461,50 +565,108 @@ fn render_farm(
         }
     }
     let (picks, total) = picks(farm, statuses, fam);
+    let base = id_base(farm, slot, fam, cfg);
+    let id_mark = |name: &str| slot.ids.get(name).map(|id| base + id);
+    // Backends that can carry flows (new or pinned): up, available and off ones.
+    let natable: Vec<(&Backend, IpAddr, u32)> = farm
+        .backends
+        .iter()
+        .zip(statuses)
+        .filter(|(_, st)| {
+            matches!(
+                st,
+                BackendStatus::Up | BackendStatus::Available | BackendStatus::Off
+            )
+        })
+        .filter_map(|(b, _)| {
+            let ip = b.ip_addr.filter(|ip| fam_matches(fam, ip))?;
+            Some((b, ip, id_mark(&b.name)?))
+        })
+        .collect();
     // The original's rule: backend ports are used only when every backend has one.
-    let with_port = picks.iter().all(|s| s.backend.port.is_some());
+    let with_port = natable.iter().all(|(b, _, _)| b.port.is_some());
     let src_farm = farm.source_addr.filter(|s| fam_matches(fam, s));
-    let masquerade = farm.mode == Mode::Snat && src_farm.is_none();
-    let base = if masquerade {
-        slot.offset | cfg.masquerade_mark
-    } else {
-        slot.offset
-    };
-    for pk in &picks {
-        let (map, data) = match (with_port, pk.backend.port) {
-            (true, Some(bp)) => ("bk", format!("{} . {bp}", pk.ip)),
-            _ => ("bki", pk.ip.to_string()),
+    for (b, bip, m) in &natable {
+        let (map, data) = match (with_port, b.port) {
+            (true, Some(bp)) => ("bk", format!("{bip} . {bp}")),
+            _ => ("bki", bip.to_string()),
         };
-        let src = if farm.mode == Mode::Snat {
-            pk.backend
-                .source_addr
-                .filter(|x| fam_matches(fam, x))
-                .or(src_farm)
-        } else {
-            None
-        };
-        for b in pk.lo..pk.lo + pk.n {
-            insert(t, map, mark(base + b), data.clone());
-            if let Some(src) = src {
-                insert(t, "srcaddr", mark(base + b), src.to_string());
+        insert(t, map, mark(*m), data);
+        if farm.mode == Mode::Snat {
+            if let Some(src) = b.source_addr.filter(|x| fam_matches(fam, x)).or(src_farm) {
+                insert(t, "srcaddr", mark(*m), src.to_string());
             }
         }
     }
-    let rules = if total > 0 {
-        vec![
-            format!(
-                "ct mark set {} offset {}",
-                sched_expr(farm, fam, total),
-                mark(base)
-            ),
-            "goto pick".to_string(),
-        ]
+    for pk in &picks {
+        if let Some(m) = id_mark(&pk.backend.name) {
+            for b in pk.lo..pk.lo + pk.n {
+                insert(t, "buckets", mark(slot.offset + b), mark(m));
+            }
+        }
+    }
+
+    let mut rules = Vec::new();
+    let persistent = !farm.persistence.is_empty();
+    let (key, key_type) = persist_key(&farm.persistence, fam);
+    let (ps, ss) = session_maps(farm, slot, fam, cfg);
+    if persistent {
+        // Static sessions, pinned to backends that can carry flows.
+        let mut statics = map(format!("type {key_type} : mark;"));
+        for sess in &farm.sessions {
+            let fits = sess.client.split(" . ").all(|part| {
+                part.parse::<IpAddr>()
+                    .map_or(true, |ip| fam_matches(fam, &ip))
+            });
+            let target = natable
+                .iter()
+                .find(|(b, _, _)| b.name == sess.backend)
+                .map(|(_, _, m)| *m);
+            if let (true, Some(m)) = (fits, target) {
+                statics.elements.insert(sess.client.clone(), mark(m));
+            }
+        }
+        t.maps.insert(ss.clone(), statics);
+        t.maps.insert(
+            ps.clone(),
+            MapDef {
+                kind: "map",
+                spec: format!(
+                    "type {key_type} : mark; flags dynamic,timeout; timeout {}s; size 1048576;",
+                    farm.persist_ttl.max(1)
+                ),
+                elements: BTreeMap::new(),
+                dynamic: true,
+            },
+        );
+        rules.push(format!("ct mark set {key} map @{ss} goto pick"));
+        rules.push(format!("ct mark set {key} map @{ps} goto pick"));
+    }
+    if total > 0 {
+        rules.push(format!(
+            "ct mark set {} offset {}",
+            sched_expr(farm, fam, total),
+            mark(slot.offset)
+        ));
+        rules.push("jump sched".to_string());
+        if persistent {
+            rules.push(format!("update @{ps} {{ {key} : ct mark }}"));
+        }
+        for (b, _, m) in &natable {
+            if b.est_connlimit > 0 {
+                rules.push(format!(
+                    "ct mark {} ct count over {} drop",
+                    mark(*m),
+                    b.est_connlimit
+                ));
+            }
+        }
+        rules.push("goto pick".to_string());
     } else {
         // No usable backend: refuse new flows rather than let them reach a local
         // socket on the virtual address.
-        vec!["drop".to_string()]
-    };
-    let _ = ip;
+        rules.push("drop".to_string());
+    }
     t.chains.insert(chain_name, Chain { base: None, rules });
 }
 
@@ -607,15 +769,15 @@ mod tests {
             tx.commands,
             vec![
                 "flush chain ip nftlb farm-f7".to_string(),
-                format!(
-                    "add rule ip nftlb farm-f7 ct mark set numgen inc mod 1 offset 0x{:08x}",
-                    0x8000_0000 | f7
-                ),
+                format!("add rule ip nftlb farm-f7 ct mark set numgen inc mod 1 offset 0x{f7:08x}"),
+                "add rule ip nftlb farm-f7 jump sched".to_string(),
                 "add rule ip nftlb farm-f7 goto pick".to_string(),
+                // b's identity leaves the NAT map, its bucket leaves the schedule.
                 format!(
                     "delete element ip nftlb bki {{ 0x{:08x} }}",
                     0x8000_0000 | (f7 + 1)
                 ),
+                format!("delete element ip nftlb buckets {{ 0x{:08x} }}", f7 + 1),
             ]
         );
     }
