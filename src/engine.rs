@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde_json::{Map, Value};
 
 use crate::document::{self, ApplyMode, DocError, ParseConfig, View};
-use crate::kernel::{Kernel, KernelError};
+use crate::kernel::{Capabilities, Kernel, KernelError};
 use crate::model::*;
 use crate::netinfo;
 use crate::render::{bucket_space, id_base, render, session_maps, RenderConfig, Slots};
@@ -108,6 +108,7 @@ pub struct Engine {
     cfg: EngineConfig,
     fallbacks: u64,
     fragments: Fragments,
+    caps: Option<Capabilities>,
 }
 
 /// Serialised state-file pieces of the current state, so that saving after a change
@@ -131,6 +132,7 @@ impl Engine {
             cfg,
             fallbacks: 0,
             fragments: Fragments::default(),
+            caps: None,
         }
     }
 
@@ -185,6 +187,8 @@ impl Engine {
                 .map_err(|e| format!("configuration: {e}"))?;
         }
         st.validate().map_err(|e| format!("configuration: {e}"))?;
+        self.check_capabilities(&st)
+            .map_err(|e| format!("configuration: {e}"))?;
         slots
             .sync(&st, bucket_space(self.cfg.masquerade_mark))
             .map_err(|e| format!("configuration: {e}"))?;
@@ -245,10 +249,37 @@ impl Engine {
         }
     }
 
+    /// Refuses settings this kernel cannot provide, naming the key and the value.
+    fn check_capabilities(&mut self, st: &State) -> Result<(), String> {
+        let needs_queue = st.farms.values().find(|f| f.queue >= 0);
+        let needs_flow = st.farms.values().find(|f| f.flow_offload);
+        if needs_queue.is_none() && needs_flow.is_none() {
+            return Ok(());
+        }
+        let caps = *self
+            .caps
+            .get_or_insert_with(|| Capabilities::probe(self.kernel.as_mut()));
+        if let (Some(f), false) = (needs_queue, caps.queue) {
+            return Err(format!(
+                "Invalid value '{}' of key 'queue' in farm '{}': this kernel has no nfqueue support (NFT_QUEUE); use -1",
+                f.queue, f.name
+            ));
+        }
+        if let (Some(f), false) = (needs_flow, caps.flowtable) {
+            return Err(format!(
+                "Invalid value 'on' of key 'flow-offload' in farm '{}': this kernel has no flowtable support (NF_FLOW_TABLE); use off",
+                f.name
+            ));
+        }
+        Ok(())
+    }
+
     /// Validates, renders, applies and persists `next`. On failure nothing changes.
     fn commit(&mut self, next: State, mut notes: Vec<String>) -> Result<Vec<String>, Failure> {
         let t0 = Instant::now();
         next.validate()
+            .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
+        self.check_capabilities(&next)
             .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
         let mut slots = self.slots.clone();
         slots
@@ -416,6 +447,75 @@ impl Engine {
         out
     }
 
+    /// A policy's GET object with the kernel's per-element counters.
+    fn policy_with_counters(&mut self, st: &State, p: &Policy) -> Value {
+        let mut v = document::policy_json(st, p, View::Client);
+        let fam = match p.family {
+            Family::Ipv6 => TableFamily::Ip6,
+            _ => TableFamily::Ip,
+        };
+        let Ok(listing) = self.kernel.list_json(&format!(
+            "list set {} {TABLE} {}",
+            fam.as_str(),
+            crate::render::filter::policy_set(&p.name)
+        )) else {
+            return v;
+        };
+        let counters = parse_set_counters(&listing);
+        if let Some(elems) = v.get_mut("elements").and_then(Value::as_array_mut) {
+            for e in elems {
+                let data = e
+                    .get("data")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
+                let (packets, bytes) = counters.get(&data).copied().unwrap_or((0, 0));
+                if let Some(o) = e.as_object_mut() {
+                    o.insert("counter-packets".into(), Value::String(packets.to_string()));
+                    o.insert("counter-bytes".into(), Value::String(bytes.to_string()));
+                }
+            }
+        }
+        v
+    }
+
+    /// A farm's GET object with each attached policy's per-farm counter.
+    fn farm_with_counters(&mut self, st: &State, f: &Farm) -> Value {
+        let mut v = document::farm_json(st, f, View::Client);
+        if f.policies.is_empty() {
+            return v;
+        }
+        if let Some(refs) = v.get_mut("policies").and_then(Value::as_array_mut) {
+            for r in refs {
+                let Some(pname) = r.get("name").and_then(Value::as_str).map(str::to_string) else {
+                    continue;
+                };
+                let fam = match st.policies.get(&pname).map(|p| p.family) {
+                    Some(Family::Ipv6) => TableFamily::Ip6,
+                    _ => TableFamily::Ip,
+                };
+                let counter = crate::render::filter::policy_counter(&pname, &f.name);
+                let Ok(listing) = self
+                    .kernel
+                    .list_json(&format!("list counter {} {TABLE} {counter}", fam.as_str()))
+                else {
+                    continue;
+                };
+                let c = listing
+                    .get("nftables")
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().find_map(|i| i.get("counter")));
+                if let (Some(c), Some(o)) = (c, r.as_object_mut()) {
+                    for (k, key) in [("packets", "counter-packets"), ("bytes", "counter-bytes")] {
+                        let n = c.get(k).and_then(Value::as_u64).unwrap_or(0);
+                        o.insert(key.into(), Value::String(n.to_string()));
+                    }
+                }
+            }
+        }
+        v
+    }
+
     /// Handles one API request.
     pub fn handle(&mut self, req: &Request) -> Reply {
         let started = Instant::now();
@@ -507,15 +607,19 @@ impl Engine {
             Reply::document(Value::Object(m))
         };
         match segs {
-            ["farms"] => list(
-                "farms",
-                st.farms
+            ["farms"] => {
+                let items = st
+                    .farms
                     .values()
-                    .map(|f| document::farm_json(st, f, View::Client))
-                    .collect(),
-            ),
+                    .map(|f| self.farm_with_counters(st, f))
+                    .collect();
+                list("farms", items)
+            }
             ["farms", name] => match st.farms.get(*name) {
-                Some(f) => list("farms", vec![document::farm_json(st, f, View::Client)]),
+                Some(f) => {
+                    let v = self.farm_with_counters(st, f);
+                    list("farms", vec![v])
+                }
                 None => unknown("farm", name),
             },
             ["farms", name, "sessions"] => match st.farms.get(*name) {
@@ -543,15 +647,19 @@ impl Engine {
                 }
                 None => unknown("farm", name),
             },
-            ["policies"] => list(
-                "policies",
-                st.policies
+            ["policies"] => {
+                let items = st
+                    .policies
                     .values()
-                    .map(|p| document::policy_json(st, p, View::Client))
-                    .collect(),
-            ),
+                    .map(|p| self.policy_with_counters(st, p))
+                    .collect();
+                list("policies", items)
+            }
             ["policies", name] => match st.policies.get(*name) {
-                Some(p) => list("policies", vec![document::policy_json(st, p, View::Client)]),
+                Some(p) => {
+                    let v = self.policy_with_counters(st, p);
+                    list("policies", vec![v])
+                }
                 None => unknown("policy", name),
             },
             ["addresses"] => list(
@@ -870,6 +978,40 @@ impl DynSession {
             self.client
         )
     }
+}
+
+/// Per-element counters of a set listed as nft JSON, keyed like the model's elements.
+fn parse_set_counters(v: &Value) -> HashMap<String, (u64, u64)> {
+    let mut out = HashMap::new();
+    let Some(items) = v.get("nftables").and_then(Value::as_array) else {
+        return out;
+    };
+    for item in items {
+        let Some(elems) = item.pointer("/set/elem").and_then(Value::as_array) else {
+            continue;
+        };
+        for e in elems {
+            let inner = e.get("elem").unwrap_or(e);
+            let val = inner.get("val").unwrap_or(inner);
+            let data = if let Some(s) = val.as_str() {
+                s.to_string()
+            } else if let Some(p) = val.get("prefix") {
+                let addr = p.get("addr").and_then(Value::as_str).unwrap_or("");
+                let len = p.get("len").and_then(Value::as_u64).unwrap_or(0);
+                format!("{addr}/{len}")
+            } else {
+                continue;
+            };
+            let c = inner.get("counter");
+            let n = |k: &str| {
+                c.and_then(|c| c.get(k))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+            };
+            out.insert(data, (n("packets"), n("bytes")));
+        }
+    }
+    out
 }
 
 /// The elements of a map listed as nft JSON: (key text, mark value, seconds left).
@@ -1221,6 +1363,8 @@ mod tests {
             r#"{"farms":[{"name":"lb","mode":"bogus"}]}"#,
             r#"{"farms":[{"name":"other","virtual-addr":"198.18.0.1","virtual-ports":"80"}]}"#,
             r#"{"farms":[{"name":"lb","helper":"ftp","protocol":"udp"}]}"#,
+            r#"{"farms":[{"name":"v6","virtual-addr":"2001:2::1","persistence":"srcip srcport"}]}"#,
+            r#"{"farms":[{"name":"lb","queue":"3"}]}"#,
             r#"[1,2]"#,
         ] {
             let r = req(&mut e, "POST", "/farms", body);

@@ -125,6 +125,20 @@ fn element_commands(
     }
 }
 
+/// `add map|set|counter|ct helper …` for a declared object.
+fn declare(fam: TableFamily, name: &str, m: &MapDef) -> String {
+    if m.spec.is_empty() {
+        format!("add {} {} {TABLE} {name}", m.kind, fam.as_str())
+    } else {
+        format!(
+            "add {} {} {TABLE} {name} {{ {} }}",
+            m.kind,
+            fam.as_str(),
+            m.spec
+        )
+    }
+}
+
 fn chain_decl(fam: TableFamily, name: &str, chain: &Chain) -> String {
     match &chain.base {
         Some(b) => format!("add chain {} {TABLE} {name} {{ {b} }}", fam.as_str()),
@@ -147,12 +161,7 @@ pub fn plan(old: &Ruleset, new: &Ruleset) -> Transaction {
         let ot = ot.unwrap_or(&empty);
         for (name, m) in &nt.maps {
             if !ot.maps.contains_key(name) {
-                c.push(format!(
-                    "add {} {} {TABLE} {name} {{ {} }}",
-                    m.kind,
-                    fam.as_str(),
-                    m.spec
-                ));
+                c.push(declare(*fam, name, m));
             }
         }
         for (name, ch) in &nt.chains {
@@ -238,10 +247,13 @@ pub fn parse_listing(text: &str) -> Listing {
     for line in text.lines() {
         let t = line.trim();
         let mut words = t.split_whitespace();
-        match (words.next(), words.next(), words.next()) {
-            (Some("chain"), Some(name), Some("{")) => chains.push(name.to_string()),
-            (Some(kind @ ("map" | "set")), Some(name), Some("{")) => {
+        match (words.next(), words.next(), words.next(), words.next()) {
+            (Some("chain"), Some(name), Some("{"), _) => chains.push(name.to_string()),
+            (Some(kind @ ("map" | "set" | "counter")), Some(name), Some("{"), _) => {
                 maps.push((kind.to_string(), name.to_string()))
+            }
+            (Some("ct"), Some("helper"), Some(name), Some("{")) => {
+                maps.push(("ct helper".to_string(), name.to_string()))
             }
             _ => {}
         }
@@ -266,11 +278,10 @@ pub fn resync(desired: &Ruleset, present: &BTreeMap<TableFamily, Listing>) -> Tr
         let f = fam.as_str();
         c.push(format!("add table {f} {TABLE}"));
         for (name, m) in &t.maps {
-            c.push(format!(
-                "add {} {f} {TABLE} {name} {{ {} }}",
-                m.kind, m.spec
-            ));
-            c.push(format!("flush {} {f} {TABLE} {name}", m.kind));
+            c.push(declare(*fam, name, m));
+            if !m.dynamic {
+                c.push(format!("flush {} {f} {TABLE} {name}", m.kind));
+            }
         }
         for (name, ch) in &t.chains {
             c.push(chain_decl(*fam, name, ch));

@@ -139,6 +139,12 @@ impl Kernel for NsKernel {
             .nft_keep(command, &["-t", "-f", "-"])
             .map_err(KernelError::Rejected)
     }
+    fn check(&mut self, commands: &str) -> Result<(), KernelError> {
+        Ns(self.0.clone())
+            .nft_keep(commands, &["-c", "-f", "-"])
+            .map(|_| ())
+            .map_err(KernelError::Rejected)
+    }
     fn list_json(&mut self, command: &str) -> Result<serde_json::Value, KernelError> {
         let out = Ns(self.0.clone())
             .nft_keep(command, &["-j", "-f", "-"])
@@ -202,6 +208,23 @@ fn incremental_changes_equal_a_fresh_start() {
         ("POST", "/farms", r#"{"farms":[{"name":"v6","newname":"v6b"}]}"#.into()),
         ("DELETE", "/farms/web", String::new()),
         ("POST", "/farms", r#"{"farms":[{"name":"dns","state":"up","virtual-ports":"53,5300-5399"}]}"#.into()),
+        ("POST", "/farms", r#"{"policies":[{"name":"bl","elements":[{"data":"198.18.9.0/24"},{"data":"198.18.8.8"}]},
+            {"name":"wl","type":"whitelist","elements":[{"data":"198.18.0.0/16"}]},
+            {"name":"bl6","family":"ipv6","elements":[{"data":"2001:2:9::/48"}]}],
+            "addresses":[{"name":"fw","ip-addr":"198.18.0.200","ports":"22","policies":[{"name":"bl"}]}],
+            "farms":[{"name":"sec","family":"inet","virtual-ports":"21","mode":"snat",
+            "policies":[{"name":"wl"},{"name":"bl"},{"name":"bl6"}],"tcp-strict":"on","new-rtlimit":"10/second",
+            "new-rtlimit-burst":"5","rst-rtlimit":"2/minute","est-connlimit":"20","helper":"ftp",
+            "log":"input","log-prefix":"[FNAME,TYPE] ","log-rtlimit":"1/second","verdict":"log drop",
+            "persistence":"srcip","sessions":[{"client":"198.18.0.2","backend":"a"}],
+            "backends":[{"name":"a","ip-addr":"198.18.1.11","est-connlimit":"100"},
+            {"name":"b","ip-addr":"2001:2:0:1::12"}]}]}"#.into()),
+        ("POST", "/farms", r#"{"farms":[{"name":"sec","limits-ttl":"60","verdict":"log","log-rtlimit":"0",
+            "persist-ttl":"30","backends":[{"name":"a","state":"down"}]}]}"#.into()),
+        ("PATCH", "/policies/bl/elements", r#"{"policies":[{"name":"bl","elements":[{"data":"198.18.7.0/24"}]}]}"#.into()),
+        ("DELETE", "/farms/sec/policies/wl", String::new()),
+        ("DELETE", "/policies/bl", String::new()),
+        ("DELETE", "/farms/sec", String::new()),
     ];
     for (i, (m, p, body)) in steps.iter().enumerate() {
         assert_eq!(send(&mut e, m, p, body), 200, "step {i}");

@@ -52,6 +52,9 @@ impl Kernel for CliKernel {
     fn list(&mut self, command: &str) -> Result<String, KernelError> {
         self.run(&["-t", "-f", "-"], command)
     }
+    fn check(&mut self, commands: &str) -> Result<(), KernelError> {
+        self.run(&["-c", "-f", "-"], commands).map(|_| ())
+    }
     fn list_json(&mut self, command: &str) -> Result<serde_json::Value, KernelError> {
         let out = self.run(&["-j", "-f", "-"], command)?;
         serde_json::from_str(&out)

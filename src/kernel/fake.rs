@@ -25,6 +25,15 @@ impl Kernel for FakeKernel {
     fn list(&mut self, _command: &str) -> Result<String, KernelError> {
         Err(KernelError::Rejected("No such file or directory".into()))
     }
+    /// Like the kernels this project targets: no nfqueue, no flowtables.
+    fn check(&mut self, commands: &str) -> Result<(), KernelError> {
+        if commands.contains(" queue ") || commands.contains("flowtable") {
+            return Err(KernelError::Rejected(
+                "Error: Could not process rule: No such file or directory".into(),
+            ));
+        }
+        Ok(())
+    }
     fn list_json(&mut self, _command: &str) -> Result<serde_json::Value, KernelError> {
         Err(KernelError::Rejected("No such file or directory".into()))
     }

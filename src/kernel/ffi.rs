@@ -24,6 +24,7 @@ extern "C" {
     fn nft_ctx_get_output_buffer(ctx: *mut NftCtx) -> *const c_char;
     fn nft_ctx_get_error_buffer(ctx: *mut NftCtx) -> *const c_char;
     fn nft_run_cmd_from_buffer(ctx: *mut NftCtx, buf: *const c_char) -> c_int;
+    fn nft_ctx_set_dry_run(ctx: *mut NftCtx, dry: bool);
 }
 
 /// A libnftables context. Not thread-safe: it lives on one thread (the writer).
@@ -95,6 +96,14 @@ impl Kernel for LibKernel {
     }
     fn list(&mut self, command: &str) -> Result<String, KernelError> {
         self.run(command)
+    }
+    fn check(&mut self, commands: &str) -> Result<(), KernelError> {
+        // SAFETY: ctx is valid; dry run is switched off again before returning.
+        unsafe { nft_ctx_set_dry_run(self.ctx, true) };
+        let r = self.run(commands).map(|_| ());
+        // SAFETY: as above.
+        unsafe { nft_ctx_set_dry_run(self.ctx, false) };
+        r
     }
     fn list_json(&mut self, command: &str) -> Result<serde_json::Value, KernelError> {
         // SAFETY: ctx is valid; flags are restored before returning.

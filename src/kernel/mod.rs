@@ -27,6 +27,8 @@ pub trait Kernel: Send {
     /// Runs a read-only command (e.g. `list table ip nftlb`) and returns its text
     /// output, without set elements.
     fn list(&mut self, command: &str) -> Result<String, KernelError>;
+    /// Checks `commands` against the kernel without applying them (dry run).
+    fn check(&mut self, commands: &str) -> Result<(), KernelError>;
     /// Runs a read-only command and returns nft's JSON output (used for what only the
     /// kernel knows: dynamic set elements with their expiry, counters).
     fn list_json(&mut self, command: &str) -> Result<serde_json::Value, KernelError>;
@@ -71,5 +73,32 @@ pub fn open(kind: &str) -> Result<Box<dyn Kernel>, KernelError> {
                 Ok(Box::new(CliKernel::new()?))
             }
         },
+    }
+}
+
+/// Optional kernel features some settings need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// nfqueue (`queue`).
+    pub queue: bool,
+    /// flowtables (`flow-offload`).
+    pub flowtable: bool,
+}
+
+impl Capabilities {
+    /// Asks the kernel, with dry runs in a scratch table that is never created.
+    pub fn probe(k: &mut dyn Kernel) -> Capabilities {
+        let table = "add table ip nftlb-probe\nadd chain ip nftlb-probe c\n";
+        let queue = k
+            .check(&format!(
+                "{table}add rule ip nftlb-probe c queue num 0 bypass\n"
+            ))
+            .is_ok();
+        let flowtable = k
+            .check(&format!(
+                "{table}add flowtable ip nftlb-probe f {{ hook ingress priority 0; devices = {{ lo }}; }}\n"
+            ))
+            .is_ok();
+        Capabilities { queue, flowtable }
     }
 }

@@ -32,6 +32,7 @@ use crate::model::*;
 use crate::netinfo::NetView;
 use crate::ruleset::{Chain, MapDef, Ruleset, Table, TableFamily};
 
+pub mod filter;
 pub mod netdev;
 
 /// Settings that rendering depends on.
@@ -171,21 +172,21 @@ impl Slots {
     }
 }
 
-fn ip_kw(fam: TableFamily) -> &'static str {
+pub(crate) fn ip_kw(fam: TableFamily) -> &'static str {
     match fam {
         TableFamily::Ip | TableFamily::Netdev => "ip",
         TableFamily::Ip6 => "ip6",
     }
 }
 
-fn addr_type(fam: TableFamily) -> &'static str {
+pub(crate) fn addr_type(fam: TableFamily) -> &'static str {
     match fam {
         TableFamily::Ip | TableFamily::Netdev => "ipv4_addr",
         TableFamily::Ip6 => "ipv6_addr",
     }
 }
 
-fn fam_matches(fam: TableFamily, ip: &IpAddr) -> bool {
+pub(crate) fn fam_matches(fam: TableFamily, ip: &IpAddr) -> bool {
     matches!(
         (fam, ip),
         (TableFamily::Ip, IpAddr::V4(_)) | (TableFamily::Ip6, IpAddr::V6(_))
@@ -197,7 +198,7 @@ pub fn farm_chain(farm: &str) -> String {
     format!("farm-{farm}")
 }
 
-fn map(spec: String) -> MapDef {
+pub(crate) fn map(spec: String) -> MapDef {
     MapDef {
         kind: "map",
         spec,
@@ -207,7 +208,7 @@ fn map(spec: String) -> MapDef {
 }
 
 /// FNV-1a, for short stable tags in object names (not for security).
-fn tag(text: &str) -> String {
+pub(crate) fn tag(text: &str) -> String {
     let mut h: u32 = 0x811c_9dc5;
     for b in text.bytes() {
         h ^= u32::from(b);
@@ -326,6 +327,7 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
             ],
         },
     );
+    filter::base(&mut t, fam);
     let masq = cfg.masquerade_mark;
     t.chains.insert(
         "postrouting".into(),
@@ -428,7 +430,15 @@ pub fn render(
     let mut rs = Ruleset::default();
     let mut notes = Vec::new();
     for fam in TableFamily::ALL {
-        rs.tables.insert(fam, base_table(fam, cfg));
+        let mut t = base_table(fam, cfg);
+        filter::policies(state, fam, &mut t);
+        // Standalone addresses with policies: a pure ingress firewall.
+        for a in state.addresses.values() {
+            if !a.policies.is_empty() && state.address_used(&a.name) == 0 {
+                filter::address_entries(state, a, fam, None, &mut t, cfg);
+            }
+        }
+        rs.tables.insert(fam, t);
     }
     for farm in state.farms.values() {
         if farm.state != FarmState::Up {
@@ -474,6 +484,10 @@ pub fn render(
         for fam in TableFamily::ALL {
             let table = rs.tables.get_mut(&fam).expect("base tables exist");
             render_farm(state, farm, &statuses, slot, fam, cfg, table);
+            let fchain = filter::farm(state, farm, fam, table);
+            for a in state.farm_addresses(farm) {
+                filter::address_entries(state, a, fam, fchain.as_deref(), table, cfg);
+            }
         }
     }
     (rs, notes)
@@ -483,18 +497,14 @@ pub fn render(
 fn unserved_keys(f: &Farm) -> Vec<&'static str> {
     let d = Farm::new(String::new());
     let mut out = Vec::new();
-    let checks: [(&'static str, bool); 11] = [
-        ("helper", f.helper != d.helper),
-        ("log", f.log != d.log),
+    let checks: [(&'static str, bool); 4] = [
+        (
+            "log forward/output",
+            f.log.has("forward") || f.log.has("output"),
+        ),
         ("mark", f.mark != d.mark),
-        ("new-rtlimit", f.new_rtlimit.count != 0),
-        ("rst-rtlimit", f.rst_rtlimit.count != 0),
-        ("est-connlimit", f.est_connlimit != 0),
-        ("tcp-strict", f.tcp_strict),
-        ("queue", f.queue != d.queue),
         ("flow-offload", f.flow_offload),
         ("intra-connect", f.intra_connect),
-        ("policies", !f.policies.is_empty()),
     ];
     for (k, set) in checks {
         if set {
@@ -510,7 +520,7 @@ fn unserved_keys(f: &Farm) -> Vec<&'static str> {
     out
 }
 
-fn insert(t: &mut Table, map: &str, key: String, value: String) {
+pub(crate) fn insert(t: &mut Table, map: &str, key: String, value: String) {
     t.maps
         .get_mut(map)
         .expect("base map exists")
@@ -733,6 +743,22 @@ mod tests {
             {"name":"d","family":"ipv6","virtual-addr":"2001:2::100","virtual-ports":"443","mode":"dnat",
              "scheduler":"symhash","protocol":"all",
              "backends":[{"name":"a","ip-addr":"2001:2:0:1::11"}]}]}));
+        insta::assert_snapshot!(text(&st));
+    }
+
+    #[test]
+    fn security_features() {
+        let st = state(json!({
+            "policies":[{"name":"bl","type":"blacklist","elements":[{"data":"198.18.9.0/24"},{"data":"198.18.8.8"}]},
+                        {"name":"wl","type":"whitelist","elements":[{"data":"198.18.0.0/16"}]}],
+            "addresses":[{"name":"fw","ip-addr":"198.18.0.200","ports":"22","policies":[{"name":"bl"}]}],
+            "farms":[{"name":"web","virtual-addr":"198.18.0.100","virtual-ports":"21","mode":"snat",
+                "policies":[{"name":"wl"},{"name":"bl"}],"tcp-strict":"on","new-rtlimit":"10/second",
+                "new-rtlimit-burst":"5","rst-rtlimit":"2/minute","est-connlimit":"20","helper":"ftp",
+                "log":"input","log-prefix":"[FNAME,TYPE] ","log-rtlimit":"1/second","verdict":"log drop",
+                "persistence":"srcip","sessions":[{"client":"198.18.0.2","backend":"a"}],
+                "backends":[{"name":"a","ip-addr":"198.18.1.11","est-connlimit":"100"},
+                            {"name":"b","ip-addr":"198.18.1.12"}]}]}));
         insta::assert_snapshot!(text(&st));
     }
 

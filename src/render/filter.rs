@@ -1,0 +1,472 @@
+//! The filter stage: security policies (black/whitelists), limits, `tcp-strict`,
+//! helpers and input logging, in a `filter` chain at prerouting (priority mangle, after
+//! conntrack and before NAT).
+//!
+//! The chain looks the packet up in four verdict maps shaped like the NAT stage's
+//! (`fsvcx`, `fsvc`, `fsvcpx`, `fsvcp`), holding only the services of farms and
+//! addresses that have such features; the target chain (`ffarm-NAME`, `faddr-NAME`) runs
+//! them in the original's order. Per-farm dynamic sets (rate limits, connection limits)
+//! and counters exist only for the farms that use them.
+
+use std::collections::BTreeMap;
+
+use crate::model::*;
+use crate::ruleset::{Chain, MapDef, Table, TableFamily};
+
+use super::{addr_type, fam_matches, insert, ip_kw, tag, RenderConfig};
+
+/// Longest log prefix nft accepts.
+const LOG_PREFIX_MAX: usize = 127;
+
+/// Values for the tokens of a log-prefix template.
+#[derive(Default)]
+pub struct Tokens<'a> {
+    /// `KNAME`: the feature.
+    pub kname: &'a str,
+    /// `TYPE`: IN/FWD/OUT or BL/WL.
+    pub ty: &'a str,
+    /// `FNAME`: farm.
+    pub fname: &'a str,
+    /// `ANAME`: address.
+    pub aname: &'a str,
+    /// `BNAME`: backend.
+    pub bname: &'a str,
+    /// `PNAME`: policy.
+    pub pname: &'a str,
+}
+
+/// Expands a validated template, truncated to what nft accepts.
+pub fn expand(template: &str, t: &Tokens) -> String {
+    let mut s = template
+        .replace("KNAME", t.kname)
+        .replace("TYPE", t.ty)
+        .replace("FNAME", t.fname)
+        .replace("ANAME", t.aname)
+        .replace("BNAME", t.bname)
+        .replace("PNAME", t.pname);
+    // Templates and names are ASCII (validated), so byte truncation is safe.
+    s.truncate(LOG_PREFIX_MAX);
+    s
+}
+
+/// The name of a policy's set.
+pub fn policy_set(name: &str) -> String {
+    format!("pol-{name}")
+}
+
+/// The name of the per-farm counter of a policy.
+pub fn policy_counter(policy: &str, owner: &str) -> String {
+    format!("pc-{policy}-{owner}")
+}
+
+fn set(spec: String) -> MapDef {
+    MapDef {
+        kind: "set",
+        spec,
+        elements: BTreeMap::new(),
+        dynamic: false,
+    }
+}
+
+fn dyn_set(spec: String) -> MapDef {
+    MapDef {
+        kind: "set",
+        spec,
+        elements: BTreeMap::new(),
+        dynamic: true,
+    }
+}
+
+fn object(kind: &'static str, spec: &str) -> MapDef {
+    MapDef {
+        kind,
+        spec: spec.to_string(),
+        elements: BTreeMap::new(),
+        dynamic: true,
+    }
+}
+
+/// Declares the filter stage's base objects.
+pub fn base(t: &mut Table, fam: TableFamily) {
+    let ip = ip_kw(fam);
+    let at = addr_type(fam);
+    for (name, spec) in [
+        (
+            "fsvcx",
+            format!("type inet_proto . {at} . inet_service : verdict;"),
+        ),
+        (
+            "fsvc",
+            format!("type inet_proto . {at} . inet_service : verdict; flags interval;"),
+        ),
+        (
+            "fsvcpx",
+            "type inet_proto . inet_service : verdict;".to_string(),
+        ),
+        (
+            "fsvcp",
+            "type inet_proto . inet_service : verdict; flags interval;".to_string(),
+        ),
+    ] {
+        t.maps.insert(name.into(), super::map(spec));
+    }
+    t.chains.insert(
+        "filter".into(),
+        Chain {
+            base: Some("type filter hook prerouting priority mangle; policy accept;".into()),
+            rules: vec![
+                format!("meta l4proto . {ip} daddr . th dport vmap @fsvcx"),
+                format!("meta l4proto . {ip} daddr . th dport vmap @fsvc"),
+                "meta l4proto . th dport vmap @fsvcpx".into(),
+                "meta l4proto . th dport vmap @fsvcp".into(),
+            ],
+        },
+    );
+}
+
+/// Declares every policy of this family as a set with per-element counters.
+pub fn policies(state: &State, fam: TableFamily, t: &mut Table) {
+    let at = addr_type(fam);
+    for p in state.policies.values() {
+        let matches = match p.family {
+            Family::Ipv6 => fam == TableFamily::Ip6,
+            _ => fam == TableFamily::Ip,
+        };
+        if !matches {
+            continue;
+        }
+        let mut s = set(format!("type {at}; flags interval; counter;"));
+        for d in p.elements.keys() {
+            s.elements.insert(d.clone(), String::new());
+        }
+        t.maps.insert(policy_set(&p.name), s);
+    }
+}
+
+/// What a rule does once its match fired, per the owner's `verdict` flags: log (rate
+/// limited by `log-rtlimit` through a small sub-chain so the match is evaluated once),
+/// then drop. Returns the statement text (possibly empty) and adds any sub-chain.
+fn action(
+    t: &mut Table,
+    chain: &str,
+    kname: &str,
+    verdict: VerdictFlags,
+    drop: bool,
+    prefix: &str,
+    log_rate: Rate,
+) -> String {
+    let log = verdict.has("log");
+    let drop = drop && verdict.has("drop");
+    match (log, log_rate.count > 0) {
+        (true, true) => {
+            let sub = format!("{chain}-{kname}");
+            let mut rules = vec![format!("limit rate {} log prefix \"{prefix}\"", log_rate)];
+            if drop {
+                rules.push("drop".into());
+            }
+            t.chains.insert(sub.clone(), Chain { base: None, rules });
+            format!("counter jump {sub}")
+        }
+        (true, false) => {
+            let d = if drop { " drop" } else { "" };
+            format!("counter log prefix \"{prefix}\"{d}")
+        }
+        (false, _) => {
+            if drop {
+                "counter drop".into()
+            } else {
+                "counter".into()
+            }
+        }
+    }
+}
+
+/// The rules of the given policies for an owner (farm or address).
+#[allow(clippy::too_many_arguments)]
+fn policy_rules(
+    state: &State,
+    fam: TableFamily,
+    t: &mut Table,
+    chain: &str,
+    owner: &str,
+    names: &[String],
+    verdict: VerdictFlags,
+    log_rate: Rate,
+    fname: &str,
+    aname: &str,
+) -> Vec<String> {
+    let ip = ip_kw(fam);
+    let mut rules = Vec::new();
+    for pname in names {
+        let Some(p) = state.policies.get(pname) else {
+            continue;
+        };
+        let fits = match p.family {
+            Family::Ipv6 => fam == TableFamily::Ip6,
+            _ => fam == TableFamily::Ip,
+        };
+        if !fits {
+            continue;
+        }
+        let ty = match p.ptype {
+            PolicyType::Blacklist => "BL",
+            PolicyType::Whitelist => "WL",
+        };
+        let template = p
+            .log_prefix
+            .clone()
+            .unwrap_or_else(|| "KNAME-TYPE-PNAME-FNAME ".into());
+        let prefix = expand(
+            &template,
+            &Tokens {
+                kname: "policy",
+                ty,
+                fname: if fname.is_empty() { aname } else { fname },
+                aname,
+                pname,
+                ..Default::default()
+            },
+        );
+        let counter = policy_counter(pname, owner);
+        t.maps.insert(counter.clone(), object("counter", ""));
+        let op = match p.ptype {
+            PolicyType::Blacklist => "",
+            PolicyType::Whitelist => "!= ",
+        };
+        let act = action(
+            t,
+            chain,
+            &format!("{ty}-{pname}"),
+            verdict,
+            true,
+            &prefix,
+            log_rate,
+        );
+        // The named counter counts this owner's matches; the set counts per element.
+        let act = act.replacen("counter", &format!("counter name \"{counter}\""), 1);
+        rules.push(format!("{ip} saddr {op}@{} {act}", policy_set(pname)));
+    }
+    rules
+}
+
+fn limit_prefix(custom: &Option<String>, kname: &str, fname: &str) -> String {
+    expand(
+        custom.as_deref().unwrap_or("KNAME-FNAME "),
+        &Tokens {
+            kname,
+            fname,
+            ..Default::default()
+        },
+    )
+}
+
+/// Whether a farm needs the filter stage.
+pub fn farm_needs_filter(f: &Farm) -> bool {
+    !f.policies.is_empty()
+        || f.tcp_strict
+        || f.new_rtlimit.count > 0
+        || f.rst_rtlimit.count > 0
+        || f.est_connlimit > 0
+        || f.helper != Helper::None
+        || f.queue >= 0
+        || f.log.has("input")
+}
+
+/// The name of a farm's ct helper object.
+pub fn helper_object(farm: &str, helper: Helper, proto: &str) -> String {
+    format!("{farm}-{}-{proto}", helper.as_str())
+}
+
+/// Adds a farm's filter chain and returns its name (or `None` when it needs none).
+pub fn farm(state: &State, f: &Farm, fam: TableFamily, t: &mut Table) -> Option<String> {
+    if !farm_needs_filter(f) {
+        return None;
+    }
+    let ip = ip_kw(fam);
+    let at = addr_type(fam);
+    let chain = format!("ffarm-{}", f.name);
+    let mut rules = policy_rules(
+        state,
+        fam,
+        t,
+        &chain,
+        &f.name,
+        &f.policies,
+        f.verdict,
+        f.log_rtlimit,
+        &f.name,
+        "",
+    );
+    if f.tcp_strict {
+        let p = limit_prefix(&f.tcp_strict_log_prefix, "tcp-strict", &f.name);
+        let act = action(t, &chain, "tcp-strict", f.verdict, true, &p, f.log_rtlimit);
+        rules.push(format!("ct state invalid {act}"));
+    }
+    let ttl = f.limits_ttl.max(1);
+    if f.new_rtlimit.count > 0 {
+        let spec = format!("type {at}; flags dynamic,timeout; timeout {ttl}s; size 1048576;");
+        // The tag makes a new set when the declaration changes (nft cannot alter one).
+        let set = format!("nrl-{}-{}", f.name, tag(&spec));
+        t.maps.insert(set.clone(), dyn_set(spec));
+        let burst = if f.new_rtlimit_burst > 0 {
+            format!(" burst {} packets", f.new_rtlimit_burst)
+        } else {
+            String::new()
+        };
+        let p = limit_prefix(&f.new_rtlimit_log_prefix, "new-rtlimit", &f.name);
+        let act = action(t, &chain, "new-rtlimit", f.verdict, true, &p, f.log_rtlimit);
+        rules.push(format!(
+            "ct state new add @{set} {{ {ip} saddr limit rate over {}{burst} }} {act}",
+            f.new_rtlimit
+        ));
+    }
+    if f.rst_rtlimit.count > 0 {
+        let spec = format!("type {at}; flags dynamic,timeout; timeout {ttl}s; size 1048576;");
+        let set = format!("rrl-{}-{}", f.name, tag(&spec));
+        t.maps.insert(set.clone(), dyn_set(spec));
+        let burst = if f.rst_rtlimit_burst > 0 {
+            format!(" burst {} packets", f.rst_rtlimit_burst)
+        } else {
+            String::new()
+        };
+        let p = limit_prefix(&f.rst_rtlimit_log_prefix, "rst-rtlimit", &f.name);
+        let act = action(t, &chain, "rst-rtlimit", f.verdict, true, &p, f.log_rtlimit);
+        rules.push(format!(
+            "tcp flags rst add @{set} {{ {ip} saddr limit rate over {}{burst} }} {act}",
+            f.rst_rtlimit
+        ));
+    }
+    if f.est_connlimit > 0 {
+        let spec = format!("type {at}; flags dynamic; size 1048576;");
+        let set = format!("ecl-{}-{}", f.name, tag(&spec));
+        t.maps.insert(set.clone(), dyn_set(spec));
+        let p = limit_prefix(&f.est_connlimit_log_prefix, "est-connlimit", &f.name);
+        let act = action(
+            t,
+            &chain,
+            "est-connlimit",
+            f.verdict,
+            true,
+            &p,
+            f.log_rtlimit,
+        );
+        rules.push(format!(
+            "ct state new add @{set} {{ {ip} saddr ct count over {} }} {act}",
+            f.est_connlimit
+        ));
+    }
+    if f.queue >= 0 {
+        rules.push(format!("tcp flags syn queue num {} bypass", f.queue));
+    }
+    if f.helper != Helper::None {
+        for p in state.farm_protocol(f).l4() {
+            let fits = match f.helper {
+                Helper::Ftp | Helper::Pptp => *p == "tcp",
+                Helper::Snmp | Helper::Tftp => *p == "udp",
+                Helper::Sip => *p != "sctp",
+                Helper::None => false,
+            };
+            if !fits {
+                continue;
+            }
+            let obj = helper_object(&f.name, f.helper, p);
+            let kernel_name = match f.helper {
+                Helper::Snmp => "snmp_trap",
+                other => other.as_str(),
+            };
+            t.maps.insert(
+                obj.clone(),
+                object(
+                    "ct helper",
+                    &format!("type \"{kernel_name}\" protocol {p};"),
+                ),
+            );
+            rules.push(format!(
+                "meta l4proto {p} ct state new ct helper set \"{obj}\""
+            ));
+        }
+    }
+    if f.log.has("input") {
+        let template = f.log_prefix.clone().unwrap_or_else(|| "TYPE-FNAME ".into());
+        let p = expand(
+            &template,
+            &Tokens {
+                kname: "log",
+                ty: "IN",
+                fname: &f.name,
+                ..Default::default()
+            },
+        );
+        if f.log_rtlimit.count > 0 {
+            rules.push(format!(
+                "ct state new limit rate {} log prefix \"{p}\"",
+                f.log_rtlimit
+            ));
+        } else {
+            rules.push(format!("ct state new log prefix \"{p}\""));
+        }
+    }
+    t.chains.insert(chain.clone(), Chain { base: None, rules });
+    Some(chain)
+}
+
+/// Adds the filter-stage service elements of an address: to the address's own chain if
+/// it has policies (which then goes on to `next`), else straight to `next`.
+pub fn address_entries(
+    state: &State,
+    a: &Address,
+    fam: TableFamily,
+    next: Option<&str>,
+    t: &mut Table,
+    _cfg: &RenderConfig,
+) {
+    let served = match a.ip_addr {
+        Some(ip) => fam_matches(fam, &ip),
+        None => match a.family {
+            Family::Inet => true,
+            Family::Ipv4 => fam == TableFamily::Ip,
+            Family::Ipv6 => fam == TableFamily::Ip6,
+        },
+    };
+    if !served {
+        return;
+    }
+    let target = if a.policies.is_empty() {
+        match next {
+            Some(n) => n.to_string(),
+            None => return,
+        }
+    } else {
+        let chain = format!("faddr-{}", a.name);
+        let mut rules = policy_rules(
+            state,
+            fam,
+            t,
+            &chain,
+            &a.name,
+            &a.policies,
+            a.verdict(),
+            a.log_rtlimit,
+            "",
+            &a.name,
+        );
+        if let Some(n) = next {
+            rules.push(format!("goto {n}"));
+        }
+        t.chains.insert(chain.clone(), Chain { base: None, rules });
+        chain
+    };
+    let goto = format!("goto {target}");
+    for p in a.protocol.l4() {
+        for r in a.ports.ranges() {
+            let single = r.lo == r.hi;
+            let (map, key) = match (a.ip_addr, single) {
+                (Some(vip), true) => ("fsvcx", format!("{p} . {vip} . {r}")),
+                (Some(vip), false) => ("fsvc", format!("{p} . {vip} . {r}")),
+                (None, true) => ("fsvcpx", format!("{p} . {r}")),
+                (None, false) => ("fsvcp", format!("{p} . {r}")),
+            };
+            insert(t, map, key, goto.clone());
+        }
+    }
+}
