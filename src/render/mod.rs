@@ -290,6 +290,23 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
             "type inet_proto . inet_service : verdict; flags interval;".to_string(),
         ),
         ("buckets", "type mark : mark;".to_string()),
+        ("umarks", "type mark : mark;".to_string()),
+        (
+            "osvcx",
+            format!("type inet_proto . {at} . inet_service : verdict;"),
+        ),
+        (
+            "osvc",
+            format!("type inet_proto . {at} . inet_service : verdict; flags interval;"),
+        ),
+        (
+            "osvcpx",
+            "type inet_proto . inet_service : verdict;".to_string(),
+        ),
+        (
+            "osvcp",
+            "type inet_proto . inet_service : verdict; flags interval;".to_string(),
+        ),
         ("bk", format!("type mark : {at} . inet_service;")),
         ("bki", format!("type mark : {at};")),
         ("srcaddr", format!("type mark : {at};")),
@@ -328,6 +345,36 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         },
     );
     filter::base(&mut t, fam);
+    // intra-connect: locally generated connections to the services of farms that ask.
+    t.chains.insert(
+        "output".into(),
+        Chain {
+            base: Some("type nat hook output priority -100; policy accept;".into()),
+            rules: vec![
+                format!("meta l4proto . {ip} daddr . th dport vmap @osvcx"),
+                format!("meta l4proto . {ip} daddr . th dport vmap @osvc"),
+                "meta l4proto . th dport vmap @osvcpx".into(),
+                "meta l4proto . th dport vmap @osvcp".into(),
+            ],
+        },
+    );
+    // Farm and backend marks, for policy routing: every packet of a balanced flow (both
+    // directions) carries them, once NAT has chosen the backend.
+    t.chains.insert(
+        "marks".into(),
+        Chain {
+            base: Some("type filter hook prerouting priority -99; policy accept;".into()),
+            rules: vec!["meta mark set ct mark map @umarks".into()],
+        },
+    );
+    // Forward logging of farms with `log: forward`.
+    t.chains.insert(
+        "forward".into(),
+        Chain {
+            base: Some("type filter hook forward priority filter; policy accept;".into()),
+            rules: Vec::new(),
+        },
+    );
     let masq = cfg.masquerade_mark;
     t.chains.insert(
         "postrouting".into(),
@@ -495,16 +542,10 @@ pub fn render(
 
 /// The keys of a farm set to something this version does not turn into rules yet.
 fn unserved_keys(f: &Farm) -> Vec<&'static str> {
-    let d = Farm::new(String::new());
     let mut out = Vec::new();
-    let checks: [(&'static str, bool); 4] = [
-        (
-            "log forward/output",
-            f.log.has("forward") || f.log.has("output"),
-        ),
-        ("mark", f.mark != d.mark),
+    let checks: [(&'static str, bool); 2] = [
+        ("log output", f.log.has("output")),
         ("flow-offload", f.flow_offload),
-        ("intra-connect", f.intra_connect),
     ];
     for (k, set) in checks {
         if set {
@@ -570,7 +611,10 @@ fn render_farm(
                     (None, true) => ("svcpx", format!("{p} . {r}")),
                     (None, false) => ("svcp", format!("{p} . {r}")),
                 };
-                insert(t, map, key, goto.clone());
+                insert(t, map, key.clone(), goto.clone());
+                if farm.intra_connect {
+                    insert(t, &format!("o{map}"), key, goto.clone());
+                }
             }
         }
     }
@@ -602,6 +646,10 @@ fn render_farm(
             _ => ("bki", bip.to_string()),
         };
         insert(t, map, mark(*m), data);
+        let user_mark = farm.mark.0 | b.mark.0;
+        if user_mark != 0 {
+            insert(t, "umarks", mark(*m), mark(user_mark));
+        }
         if farm.mode == Mode::Snat {
             if let Some(src) = b.source_addr.filter(|x| fam_matches(fam, x)).or(src_farm) {
                 insert(t, "srcaddr", mark(*m), src.to_string());
@@ -678,6 +726,32 @@ fn render_farm(
         rules.push("drop".to_string());
     }
     t.chains.insert(chain_name, Chain { base: None, rules });
+    if farm.log.has("forward") {
+        let template = farm
+            .log_prefix
+            .clone()
+            .unwrap_or_else(|| "TYPE-FNAME ".into());
+        let p = filter::expand(
+            &template,
+            &filter::Tokens {
+                kname: "log",
+                ty: "FWD",
+                fname: &farm.name,
+                ..Default::default()
+            },
+        );
+        let rate = if farm.log_rtlimit.count > 0 {
+            format!("limit rate {} ", farm.log_rtlimit)
+        } else {
+            String::new()
+        };
+        let fwd = t.chains.get_mut("forward").expect("base chain");
+        fwd.rules.push(format!(
+            "ct state new ct mark {}-{} {rate}log prefix \"{p}\"",
+            mark(base),
+            mark(base + slot.size - 1)
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -755,8 +829,8 @@ mod tests {
             "farms":[{"name":"web","virtual-addr":"198.18.0.100","virtual-ports":"21","mode":"snat",
                 "policies":[{"name":"wl"},{"name":"bl"}],"tcp-strict":"on","new-rtlimit":"10/second",
                 "new-rtlimit-burst":"5","rst-rtlimit":"2/minute","est-connlimit":"20","helper":"ftp",
-                "log":"input","log-prefix":"[FNAME,TYPE] ","log-rtlimit":"1/second","verdict":"log drop",
-                "persistence":"srcip","sessions":[{"client":"198.18.0.2","backend":"a"}],
+                "log":"input forward","log-prefix":"[FNAME,TYPE] ","log-rtlimit":"1/second","verdict":"log drop",
+                "intra-connect":"on","mark":"0x100","persistence":"srcip","sessions":[{"client":"198.18.0.2","backend":"a"}],
                 "backends":[{"name":"a","ip-addr":"198.18.1.11","est-connlimit":"100"},
                             {"name":"b","ip-addr":"198.18.1.12"}]}]}));
         insta::assert_snapshot!(text(&st));
