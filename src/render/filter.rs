@@ -181,7 +181,11 @@ fn action(
     }
 }
 
-/// The rules of the given policies for an owner (farm or address).
+/// The policies of an owner (farm or address), in attachment order, as a chain
+/// `fpol-OWNER`: the first match decides. A blacklist match drops (per `verdict`), a
+/// whitelist match returns (accepts; later policies are not consulted), and when
+/// whitelists are attached a source that matched none of them is dropped. Returns the
+/// rule that runs the chain, or nothing when no policy applies in this family.
 #[allow(clippy::too_many_arguments)]
 fn policy_rules(
     state: &State,
@@ -196,7 +200,9 @@ fn policy_rules(
     aname: &str,
 ) -> Vec<String> {
     let ip = ip_kw(fam);
+    let pol_chain = format!("fpol-{owner}");
     let mut rules = Vec::new();
+    let mut first_whitelist: Option<String> = None;
     for pname in names {
         let Some(p) = state.policies.get(pname) else {
             continue;
@@ -227,26 +233,47 @@ fn policy_rules(
                 ..Default::default()
             },
         );
+        // Counts this owner's matches; the set itself counts per element.
         let counter = policy_counter(pname, owner);
         t.maps.insert(counter.clone(), object("counter", ""));
-        let op = match p.ptype {
-            PolicyType::Blacklist => "",
-            PolicyType::Whitelist => "!= ",
-        };
-        let act = action(
-            t,
-            chain,
-            &format!("{ty}-{pname}"),
-            verdict,
-            true,
-            &prefix,
-            log_rate,
-        );
-        // The named counter counts this owner's matches; the set counts per element.
-        let act = act.replacen("counter", &format!("counter name \"{counter}\""), 1);
-        rules.push(format!("{ip} saddr {op}@{} {act}", policy_set(pname)));
+        let set = policy_set(pname);
+        match p.ptype {
+            PolicyType::Blacklist => {
+                let act = action(
+                    t,
+                    &pol_chain,
+                    &format!("BL-{pname}"),
+                    verdict,
+                    true,
+                    &prefix,
+                    log_rate,
+                );
+                let act = act.replacen("counter", &format!("counter name \"{counter}\""), 1);
+                rules.push(format!("{ip} saddr @{set} {act}"));
+            }
+            PolicyType::Whitelist => {
+                // A member is admitted: the policies end here for it.
+                rules.push(format!(
+                    "{ip} saddr @{set} counter name \"{counter}\" return"
+                ));
+                if first_whitelist.is_none() {
+                    first_whitelist = Some(prefix);
+                }
+            }
+        }
     }
-    rules
+    if let Some(prefix) = first_whitelist {
+        // Whitelists are attached and none matched.
+        let act = action(t, &pol_chain, "WL", verdict, true, &prefix, log_rate);
+        rules.push(act);
+    }
+    let _ = chain;
+    if rules.is_empty() {
+        return Vec::new();
+    }
+    t.chains
+        .insert(pol_chain.clone(), Chain { base: None, rules });
+    vec![format!("jump {pol_chain}")]
 }
 
 fn limit_prefix(custom: &Option<String>, kname: &str, fname: &str) -> String {
