@@ -13,7 +13,9 @@ set -euo pipefail
 # conntrack        inspecting/flushing connection tracking entries
 # curl             talking to the REST API
 # procps           sysctl, pgrep, ps
-PACKAGES=(nftables libnftables-dev pkg-config iproute2 conntrack curl procps)
+# vsftpd           a real FTP server for the ftp-helper test (run by the test in a
+#                  namespace; the package's own service is kept from starting)
+PACKAGES=(nftables libnftables-dev pkg-config iproute2 conntrack curl procps vsftpd)
 
 is_installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = "installed" ]
@@ -57,6 +59,19 @@ run_logged() {
 }
 
 export DEBIAN_FRONTEND=noninteractive
+# Keep packages (vsftpd) from starting services on the host while they install.
+policy=/usr/sbin/policy-rc.d
+own_policy=
+if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee "$policy" >/dev/null
+    "${SUDO[@]}" chmod 755 "$policy"
+    own_policy=1
+fi
+cleanup() {
+    rm -f "$log"
+    if [ -n "$own_policy" ]; then "${SUDO[@]}" rm -f "$policy"; fi
+}
+trap cleanup EXIT
 run_logged "${SUDO[@]}" apt-get update -q
 run_logged "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 
