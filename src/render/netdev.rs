@@ -386,8 +386,10 @@ fn pick_expr(
 /// `ether saddr set … fwd to …` for the targets' output interfaces, the map keyed by
 /// `key` (`ether daddr` for dsr, `ip daddr` for stlsdnat) when they differ.
 fn out_stmts(targets: &[&Target], key: &str, key_of: impl Fn(&Target) -> String) -> String {
-    let ofaces: BTreeSet<(&str, [u8; 6])> =
-        targets.iter().map(|t| (t.oface.as_str(), t.omac.0)).collect();
+    let ofaces: BTreeSet<(&str, [u8; 6])> = targets
+        .iter()
+        .map(|t| (t.oface.as_str(), t.omac.0))
+        .collect();
     if ofaces.len() == 1 {
         let (o, m) = ofaces.iter().next().expect("one");
         return format!("ether saddr set {} fwd to \"{o}\"", Mac(*m));
