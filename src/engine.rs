@@ -1203,11 +1203,11 @@ mod tests {
             &mut e,
             "POST",
             "/farms",
-            r#"{"farms":[{"name":"a","mode":"local","virtual-ports":"80"}]}"#,
+            r#"{"farms":[{"name":"a","log":"output","virtual-ports":"80"}]}"#,
         );
         assert_eq!(
             r.body,
-            r#"{"response": "success. Farm 'a': mode 'local' is stored but not served by this version"}"#
+            r#"{"response": "success. Farm 'a': log output stored but not enforced by this version"}"#
         );
         let r = req(
             &mut e,

@@ -291,6 +291,7 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         ),
         ("buckets", "type mark : mark;".to_string()),
         ("umarks", "type mark : mark;".to_string()),
+        ("lsrc", format!("type mark : {at};")),
         (
             "osvcx",
             format!("type inet_proto . {at} . inet_service : verdict;"),
@@ -382,6 +383,8 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
             base: Some("type nat hook postrouting priority srcnat; policy accept;".into()),
             rules: vec![
                 format!("snat {ip} to ct mark map @srcaddr"),
+                // Local farms: connections a local proxy opens with a backend's mark.
+                format!("ct mark 0 meta mark != 0 snat {ip} to meta mark map @lsrc"),
                 format!("ct mark and 0x{masq:x} == 0x{masq:x} masquerade"),
             ],
         },
@@ -497,15 +500,11 @@ pub fn render(
                 netdev::render_farm(state, farm, slots, net, cfg, &mut rs, &mut notes);
                 continue;
             }
-            other => {
-                notes.push((
-                    farm.name.clone(),
-                    format!(
-                        "Farm '{}': mode '{}' is stored but not served by this version",
-                        farm.name,
-                        other.as_str()
-                    ),
-                ));
+            Mode::Local => {
+                for fam in TableFamily::ALL {
+                    let table = rs.tables.get_mut(&fam).expect("base tables exist");
+                    render_local(state, farm, fam, table);
+                }
                 continue;
             }
         }
@@ -538,6 +537,32 @@ pub fn render(
         }
     }
     (rs, notes)
+}
+
+/// A `local` farm: a local process serves the virtual address, so there is no NAT to a
+/// backend. Policies and limits apply in the filter stage, and connections that the
+/// local process opens with a backend's mark (SO_MARK = farm mark | backend mark) leave
+/// with that backend's `source-addr` (else the farm's).
+fn render_local(state: &State, farm: &Farm, fam: TableFamily, t: &mut Table) {
+    let fchain = filter::farm(state, farm, fam, t);
+    for a in state.farm_addresses(farm) {
+        filter::address_entries(
+            state,
+            a,
+            fam,
+            fchain.as_deref(),
+            t,
+            &RenderConfig { masquerade_mark: 0 },
+        );
+    }
+    let src_farm = farm.source_addr.filter(|s| fam_matches(fam, s));
+    for b in &farm.backends {
+        let user_mark = farm.mark.0 | b.mark.0;
+        let src = b.source_addr.filter(|x| fam_matches(fam, x)).or(src_farm);
+        if let (true, Some(src)) = (b.mark.0 != 0, src) {
+            insert(t, "lsrc", mark(user_mark), src.to_string());
+        }
+    }
 }
 
 /// The keys of a farm set to something this version does not turn into rules yet.
