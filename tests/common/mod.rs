@@ -37,6 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Once};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+pub mod flat;
 
 /// Default timeout of one client request (connect + read).
 pub const TIMEOUT: Duration = Duration::from_secs(2);
