@@ -593,10 +593,7 @@ impl Nl {
     }
 
     /// Route lookup: (type, output interface index, gateway).
-    fn get_route(
-        &mut self,
-        ip: IpAddr,
-    ) -> io::Result<Option<RouteAnswer>> {
+    fn get_route(&mut self, ip: IpAddr) -> io::Result<Option<RouteAnswer>> {
         let mut m = RouteMessage::default();
         m.header.address_family = family(&ip);
         m.header.destination_prefix_length = if ip.is_ipv4() { 32 } else { 128 };
