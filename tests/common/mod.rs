@@ -38,6 +38,7 @@ use std::sync::{mpsc, Arc, Mutex, Once};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 pub mod flat;
+pub mod sec;
 
 /// Default timeout of one client request (connect + read).
 pub const TIMEOUT: Duration = Duration::from_secs(2);
