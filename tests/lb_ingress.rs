@@ -372,3 +372,36 @@ fn stlsdnat_one_arm() {
     assert_balanced(&lab.tcp_many(VIP, 80, 16), FLAT_CLI4);
     assert_no_fallback(&d);
 }
+
+#[test]
+fn dsr_persistence_and_static_sessions() {
+    let lab = FlatLab::new(2);
+    lab.add_lb_vip(VIP);
+    lab.backends_own(VIP);
+    lab.serve_tcp(80);
+    let d = Daemon::start(&lab.lb);
+    let mut doc = dsr("web", VIP, "80", "tcp", flat_backends(&lab));
+    doc["farms"][0]["persistence"] = json!("srcip");
+    doc["farms"][0]["persist-ttl"] = json!("120");
+    let body = d.apply(&doc);
+    assert_eq!(response(&body), "success", "{body}");
+    // Without persistence connections spread (flow hash); with it the client sticks.
+    let n = names(&lab.tcp_many(VIP, 80, 16));
+    assert_eq!(counts(&n).len(), 1, "persistence: one backend: {n:?}");
+    let first = n[0].clone();
+    let other = if first == "be1" { "be2" } else { "be1" };
+
+    // A static session pins the client to the other backend.
+    let body = d.apply(&json!({"farms":[{"name":"web",
+        "sessions":[{"client": FLAT_CLI4, "backend": other}]}]}));
+    assert_eq!(response(&body), "success", "{body}");
+    let n = names(&lab.tcp_many(VIP, 80, 8));
+    assert_eq!(counts(&n), expect_counts(&[(other, 8)]));
+
+    // The pinned backend fails: the session does not apply, the learnt entry is
+    // forgotten, and the client sticks to the backend that is left.
+    d.apply(&backend_patch("web", other, "state", "down"));
+    let n = names(&lab.tcp_many(VIP, 80, 8));
+    assert_eq!(counts(&n), expect_counts(&[(first.as_str(), 8)]));
+    assert_no_fallback(&d);
+}

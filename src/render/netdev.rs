@@ -46,6 +46,13 @@
 //! as a whole in the transaction that changes it. The shared bucket [`Slots`] are not
 //! used.
 //!
+//! Persistence (`persistence`, `persist-ttl`, static `sessions`): per family, a static
+//! map `ssN-NAME-TAG` and a kernel-learnt map `psN-NAME-TAG` (`key : backend MAC` for
+//! dsr, `key : backend address` for stlsdnat). A packet whose key is in either map goes
+//! to that backend if it is still usable (`ether daddr { usable MACs }`); a learnt entry
+//! for a backend that no longer is gets deleted and the packet is scheduled again; the
+//! scheduler rule records its choice (`update @ps…`).
+//!
 //! Backend states: only `up` backends of the active priority group get traffic. `off`
 //! cannot drain without connection tracking: it is treated as `down` (a note says so).
 //! A backend whose output interface or MAC is unknown gets no traffic and is reported
@@ -590,9 +597,7 @@ struct Parts {
 /// Settings of a farm that ingress farms do not enforce.
 fn unserved_keys(f: &Farm) -> Vec<&'static str> {
     let d = Farm::new(String::new());
-    let checks: [(&'static str, bool); 12] = [
-        ("persistence", f.persistence != d.persistence),
-        ("sessions", !f.sessions.is_empty()),
+    let checks: [(&'static str, bool); 10] = [
         ("log", f.log != d.log),
         ("mark", f.mark != d.mark),
         ("new-rtlimit", f.new_rtlimit.count != 0),
@@ -775,6 +780,152 @@ fn by_family<'a, 'b>(targets: &'b [Target<'a>], fam: Fam) -> Vec<&'b Target<'a>>
     targets.iter().filter(|t| Fam::of(&t.ip) == fam).collect()
 }
 
+/// The value a backend is chosen by: its MAC (dsr) or its address (stlsdnat).
+fn val_expr(farm: &Farm, fam: Fam) -> String {
+    match farm.mode {
+        Mode::Dsr => "ether daddr".into(),
+        _ => format!("{} daddr", fam.ip()),
+    }
+}
+
+fn val_of(farm: &Farm, t: &Target) -> String {
+    match farm.mode {
+        Mode::Dsr => t.mac.to_string(),
+        _ => t.ip.to_string(),
+    }
+}
+
+fn val_type(farm: &Farm, fam: Fam) -> &'static str {
+    match farm.mode {
+        Mode::Dsr => "ether_addr",
+        _ => fam.addr_type(),
+    }
+}
+
+/// The nft expression and type of a persistence key.
+fn persist_key(fields: &HashFields, fam: Fam) -> (String, String) {
+    let ip = fam.ip();
+    let at = fam.addr_type();
+    let (exprs, types): (Vec<String>, Vec<&str>) = fields
+        .set_names()
+        .iter()
+        .map(|f| match *f {
+            "srcip" => (format!("{ip} saddr"), at),
+            "dstip" => (format!("{ip} daddr"), at),
+            "srcport" => ("th sport".to_string(), "inet_service"),
+            "dstport" => ("th dport".to_string(), "inet_service"),
+            "srcmac" => ("ether saddr".to_string(), "ether_addr"),
+            _ => ("ether daddr".to_string(), "ether_addr"),
+        })
+        .unzip();
+    (exprs.join(" . "), types.join(" . "))
+}
+
+/// Names of a farm's persistence and static-session maps in one family (`true` for
+/// IPv6), in `table netdev nftlb`. The names carry a tag of what their elements depend
+/// on (key type, timeout, mode), so that a change of those makes new, empty maps. The
+/// persistence map holds `key : backend MAC` (dsr) or `key : backend address`
+/// (stlsdnat), learnt by the kernel.
+pub fn session_maps(farm: &Farm, ipv6: bool) -> (String, String) {
+    let fam = if ipv6 { Fam::V6 } else { Fam::V4 };
+    let (_, ty) = persist_key(&farm.persistence, fam);
+    let tag = hash64(
+        &format!("{ty}|{}|{}", farm.persist_ttl, farm.mode.as_str()),
+        0,
+    ) as u32;
+    let d = fam.digit();
+    (
+        format!("ps{d}-{}-{tag:08x}", farm.name),
+        format!("ss{d}-{}-{tag:08x}", farm.name),
+    )
+}
+
+/// The rules of one family of a farm: persistence (static sessions, then learnt ones),
+/// then the scheduler. Each `(match, tail)` of `deliveries` is a way to send the packet
+/// on once its backend value is set (one per protocol when ports are translated).
+fn pick_rules(
+    farm: &Farm,
+    fam: Fam,
+    ts: &[&Target],
+    deliveries: &[(String, String)],
+    p: &mut Parts,
+) -> Vec<String> {
+    let val = val_expr(farm, fam);
+    let pick = pick_expr(farm, fam, ts, |t| val_of(farm, t));
+    let mut rules = Vec::new();
+    if farm.persistence.is_empty() {
+        for (m, tail) in deliveries {
+            rules.push(format!("{m} {val} set {pick} {tail}"));
+        }
+        return rules;
+    }
+    let (key, key_type) = persist_key(&farm.persistence, fam);
+    let (ps, ss) = session_maps(farm, fam == Fam::V6);
+    let vt = val_type(farm, fam);
+    let usable: BTreeSet<String> = ts.iter().map(|t| val_of(farm, t)).collect();
+    let usable = format!(
+        "{{ {} }}",
+        usable.into_iter().collect::<Vec<_>>().join(", ")
+    );
+    let mut statics = BTreeMap::new();
+    for sess in &farm.sessions {
+        let fits = sess.client.split(" . ").all(|part| {
+            part.trim()
+                .parse::<IpAddr>()
+                .map_or(true, |ip| Fam::of(&ip) == fam)
+        });
+        if let Some(t) = ts.iter().find(|t| t.backend.name == sess.backend) {
+            if fits {
+                statics.insert(sess.client.clone(), val_of(farm, t));
+            }
+        }
+    }
+    let has_statics = !statics.is_empty();
+    p.maps.push((
+        ss.clone(),
+        MapDef {
+            kind: "map",
+            spec: format!("type {key_type} : {vt};"),
+            elements: statics,
+            dynamic: false,
+        },
+    ));
+    p.maps.push((
+        ps.clone(),
+        MapDef {
+            kind: "map",
+            spec: format!(
+                "type {key_type} : {vt}; size 1048576; flags dynamic,timeout; timeout {}s;",
+                farm.persist_ttl.max(1)
+            ),
+            elements: BTreeMap::new(),
+            dynamic: true,
+        },
+    ));
+    for (m, tail) in deliveries {
+        if has_statics {
+            rules.push(format!(
+                "{m} {val} set {key} map @{ss} {val} {usable} {tail}"
+            ));
+        }
+        rules.push(format!(
+            "{m} {val} set {key} map @{ps} {val} {usable} update @{ps} {{ {key} : {val} }} {tail}"
+        ));
+    }
+    // A learnt backend that can no longer be used: forget it, schedule again. (The
+    // kernel wants a value with a key even to delete from a map.)
+    let fam_match = format!("meta protocol {}", fam.ip());
+    rules.push(format!(
+        "{fam_match} {val} set {key} map @{ps} delete @{ps} {{ {key} : {val} }}"
+    ));
+    for (m, tail) in deliveries {
+        rules.push(format!(
+            "{m} {val} set {pick} update @{ps} {{ {key} : {val} }} {tail}"
+        ));
+    }
+    rules
+}
+
 fn dsr<'a>(farm: &Farm, entries: &[Entry<'a>], targets: &[Target<'a>]) -> Parts {
     let chain = farm_chain(&farm.name);
     let goto = format!("goto {chain}");
@@ -792,9 +943,9 @@ fn dsr<'a>(farm: &Farm, entries: &[Entry<'a>], targets: &[Target<'a>]) -> Parts 
             rules.push(format!("meta protocol {ip} drop"));
             continue;
         }
-        let pick = pick_expr(farm, fam, &ts, |t| t.mac.to_string());
         let out = out_stmts(&ts, "ether daddr", |t| t.mac.to_string());
-        rules.push(format!("meta protocol {ip} ether daddr set {pick} {out}"));
+        let deliveries = [(format!("meta protocol {ip}"), out)];
+        rules.extend(pick_rules(farm, fam, &ts, &deliveries, &mut p));
     }
     p.chains.push((chain, Chain { base: None, rules }));
     p
@@ -866,7 +1017,6 @@ fn stlsdnat<'a>(
                 )
             }
         };
-        let pick = pick_expr(farm, fam, &ts, |t| t.ip.to_string());
         let macs = if ts.len() == 1 {
             ts[0].mac.to_string()
         } else {
@@ -883,8 +1033,8 @@ fn stlsdnat<'a>(
             )
         };
         let out = out_stmts(&ts, &format!("{ip} daddr"), |t| t.ip.to_string());
-        let head = format!("{ip} daddr set {pick} ether daddr set {macs}");
         let protos = e.addr.protocol.l4();
+        let mut deliveries = Vec::new();
         if with_port {
             for proto in protos {
                 let ports = if ts.len() == 1 {
@@ -902,13 +1052,18 @@ fn stlsdnat<'a>(
                             .join(", ")
                     )
                 };
-                rules.push(format!(
-                    "meta protocol {ip} {head} {proto} dport set {ports} {out}"
+                deliveries.push((
+                    format!("meta protocol {ip} meta l4proto {proto}"),
+                    format!("ether daddr set {macs} {proto} dport set {ports} {out}"),
                 ));
             }
         } else {
-            rules.push(format!("meta protocol {ip} {head} {out}"));
+            deliveries.push((
+                format!("meta protocol {ip}"),
+                format!("ether daddr set {macs} {out}"),
+            ));
         }
+        rules.extend(pick_rules(farm, fam, &ts, &deliveries, &mut p));
         // Return path.
         let kinds = return_maps(fam);
         for t in &ts {
@@ -1272,6 +1427,47 @@ mod tests {
         assert!(
             notes.len() == 1 && notes[0].contains("Farm 's2'") && notes[0].contains("back-s1"),
             "{notes:?}"
+        );
+    }
+
+    #[test]
+    fn dsr_persistence_rules() {
+        let st = state(dsr_farm(
+            json!({"persistence":"srcip srcport","persist-ttl":"30",
+            "sessions":[{"client":"198.18.0.2 . 1234","backend":"b2"},{"client":"2001:2::2 . 1","backend":"b1"}]}),
+        ));
+        let (text, notes) = render_text(&st, &net());
+        assert!(notes.is_empty(), "{notes:?}");
+        let (ps, ss) = session_maps(&st.farms["d"], false);
+        assert!(text.contains(&format!("add map netdev nftlb {ps} {{ type ipv4_addr . inet_service : ether_addr; size 1048576; flags dynamic,timeout; timeout 30s; }}")), "{text}");
+        assert!(
+            text.contains(&format!(
+                "add element netdev nftlb {ss} {{ 198.18.0.2 . 1234 : 02:00:00:00:00:12 }}"
+            )),
+            "{text}"
+        );
+        let rules: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("add rule netdev nftlb farm-d"))
+            .collect();
+        let usable = "ether daddr { 02:00:00:00:00:11, 02:00:00:00:00:12 }";
+        let out = "ether saddr set 02:00:00:00:00:01 fwd to \"eth0\"";
+        assert_eq!(rules.len(), 4, "{rules:#?}");
+        assert!(
+            rules[0].ends_with(&format!(
+                "meta protocol ip ether daddr set ip saddr . th sport map @{ss} {usable} {out}"
+            )),
+            "{}",
+            rules[0]
+        );
+        assert!(rules[1].ends_with(&format!("meta protocol ip ether daddr set ip saddr . th sport map @{ps} {usable} update @{ps} {{ ip saddr . th sport : ether daddr }} {out}")), "{}", rules[1]);
+        assert!(rules[2].ends_with(&format!("meta protocol ip ether daddr set ip saddr . th sport map @{ps} delete @{ps} {{ ip saddr . th sport : ether daddr }}")), "{}", rules[2]);
+        assert!(
+            rules[3].contains(&format!(
+                "update @{ps} {{ ip saddr . th sport : ether daddr }} {out}"
+            )),
+            "{}",
+            rules[3]
         );
     }
 
