@@ -348,6 +348,24 @@ fn stlsdnat_two_arms_with_port_translation() {
     d.apply(&backend_patch("web", "be1", "state", "down"));
     let n = names(&lab.tcp_many(VIP, 80, 8));
     assert_eq!(counts(&n), expect_counts(&[("be2", 8)]));
+
+    // IPv6, no port translation.
+    lab.add_vip(VIP6);
+    let mut doc = farms_doc(farm(
+        "web6",
+        &[
+            ("family", "ipv6"),
+            ("virtual-addr", VIP6),
+            ("virtual-ports", "8080"),
+            ("protocol", "tcp"),
+            ("mode", "stlsdnat"),
+        ],
+        v6_backends(2),
+    ));
+    doc["farms"][0]["scheduler"] = json!("symhash");
+    let body = d.apply(&doc);
+    assert_eq!(response(&body), "success", "{body}");
+    assert_balanced(&lab.tcp_many(VIP6, 8080, 24), CLI6);
     assert_no_fallback(&d);
 }
 
@@ -370,6 +388,12 @@ fn stlsdnat_one_arm() {
     let rs = ruleset(&lab.lb);
     assert!(rs.contains("chain ingress-dnat-eth0"), "{rs}");
     assert_balanced(&lab.tcp_many(VIP, 80, 16), FLAT_CLI4);
+
+    // Persistence: the client sticks to one backend.
+    let body = d.apply(&json!({"farms":[{"name":"web","persistence":"srcip"}]}));
+    assert_eq!(response(&body), "success", "{body}");
+    let n = names(&lab.tcp_many(VIP, 80, 12));
+    assert_eq!(counts(&n).len(), 1, "{n:?}");
     assert_no_fallback(&d);
 }
 

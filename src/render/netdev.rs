@@ -1090,7 +1090,7 @@ fn stlsdnat<'a>(
             Some(vp) => {
                 for proto in protos {
                     back_rules.push(format!(
-                        "meta protocol {ip} {lookup} {ip} saddr set {vip} {proto} sport set {vp} {tail}"
+                        "meta protocol {ip} meta l4proto {proto} {lookup} {ip} saddr set {vip} {proto} sport set {vp} {tail}"
                     ));
                 }
             }
@@ -1393,7 +1393,7 @@ mod tests {
         );
         for proto in ["tcp", "udp", "sctp"] {
             assert!(text.contains(&format!("{proto} dport set ip daddr map {{ 198.18.0.11 : 8081, 198.18.1.21 : 8080 }} ether saddr set ip daddr map {{ 198.18.0.11 : 02:00:00:00:00:01, 198.18.1.21 : 02:00:00:00:00:02 }} fwd to ip daddr map {{ 198.18.0.11 : \"eth0\", 198.18.1.21 : \"eth1\" }}")), "{text}");
-            assert!(text.contains(&format!("add rule netdev nftlb back-s meta protocol ip ether daddr set ip daddr map @cli4-s-t60 ip saddr set 198.18.0.100 {proto} sport set 80 ether saddr set 02:00:00:00:00:01 fwd to \"eth0\"")), "{text}");
+            assert!(text.contains(&format!("add rule netdev nftlb back-s meta protocol ip meta l4proto {proto} ether daddr set ip daddr map @cli4-s-t60 ip saddr set 198.18.0.100 {proto} sport set 80 ether saddr set 02:00:00:00:00:01 fwd to \"eth0\"")), "{text}");
         }
         assert!(text.contains("add element netdev nftlb ret4x-eth1 { sctp . 198.18.1.21 . 8080 : goto back-s, tcp . 198.18.1.21 . 8080 : goto back-s, udp . 198.18.1.21 . 8080 : goto back-s }"), "{text}");
         assert!(text.contains("add chain netdev nftlb ingress-dnat-eth1 { type filter hook ingress device \"eth1\" priority 100; policy accept; }"), "{text}");
