@@ -54,25 +54,25 @@ fn new_rtlimit_cuts_off_a_fast_client_but_not_a_slow_one() {
     let lab = lab(false);
     let d = Daemon::start(&lab.lb);
     d.apply(&web(
-        &[("new-rtlimit", "5/second"), ("new-rtlimit-burst", "2")],
+        &[("new-rtlimit", "3/second"), ("new-rtlimit-burst", "2")],
         v4_backends(2),
     ));
     let f = d.farm("web");
-    assert_eq!(f["new-rtlimit"], "5/second", "GET: {f}");
+    assert_eq!(f["new-rtlimit"], "3/second", "GET: {f}");
 
     // 20 connections at once from A: most are over the rate.
     let r = burst(&lab.cli, Some(A), VIP, 80, 20, Duration::from_millis(900));
     let ok = ok_count(&r);
     assert!(
-        (1..=10).contains(&ok),
-        "20 simultaneous new connections with new-rtlimit 5/second burst 2: {ok} served \
-         (expected some, but at most 10): {r:?}"
+        (1..=12).contains(&ok),
+        "20 simultaneous new connections with new-rtlimit 3/second burst 2: {ok} served \
+         (expected some, but at most 12): {r:?}"
     );
 
-    // B stays below the rate (about 2.5 per second): every connection is served.
+    // B stays below the rate (2 per second): every connection is served.
     for i in 0..4 {
         if i > 0 {
-            thread::sleep(Duration::from_millis(400));
+            thread::sleep(Duration::from_millis(500));
         }
         served(&lab, B, VIP, 80, &format!("slow client, connection {i}"));
     }
@@ -83,7 +83,7 @@ fn new_rtlimit_cuts_off_a_fast_client_but_not_a_slow_one() {
 
     // Without the limit the same burst is served in full.
     d.apply(&set(&[("new-rtlimit", "0")]));
-    let r = burst(&lab.cli, Some(A), VIP, 80, 20, Duration::from_millis(1500));
+    let r = burst(&lab.cli, Some(A), VIP, 80, 20, Duration::from_secs(3));
     assert_eq!(ok_count(&r), 20, "burst without new-rtlimit: {r:?}");
 }
 
@@ -92,7 +92,7 @@ fn est_connlimit_caps_concurrent_connections_per_client() {
     let lab = lab(true);
     let d = Daemon::start(&lab.lb);
     d.apply(&web(&[("est-connlimit", "3")], v4_backends(2)));
-    let t = Duration::from_millis(800);
+    let t = Duration::from_millis(1500);
 
     let mut held: Vec<Held> = (0..3)
         .map(|i| {
@@ -145,7 +145,7 @@ fn backend_est_connlimit_is_never_exceeded() {
     let mut held = Vec::new();
     let mut failed = 0;
     for _ in 0..8 {
-        match hold(&lab.cli, None, VIP, 80, Duration::from_millis(800)) {
+        match hold(&lab.cli, None, VIP, 80, Duration::from_millis(1500)) {
             Ok(h) => held.push(h),
             Err(_) => failed += 1,
         }

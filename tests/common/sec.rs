@@ -145,7 +145,7 @@ pub fn try_tcp(
 
 /// Asserts that a request from `src` to `dst:port` is answered; returns the backend.
 pub fn served(lab: &Lab, src: &str, dst: &str, port: u16, what: &str) -> String {
-    match try_tcp(&lab.cli, Some(src), dst, port, Duration::from_millis(1500)) {
+    match try_tcp(&lab.cli, Some(src), dst, port, TIMEOUT) {
         Ok((name, _)) => name,
         Err(e) => panic!("{what}: {src} -> {dst}:{port} must be served, got {e}"),
     }
