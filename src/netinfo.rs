@@ -294,12 +294,13 @@ fn gather_into(needs: &Needs, view: &mut NetView) -> io::Result<()> {
     }
     let now = Instant::now();
     let mut waiting = Vec::new();
+    let mut table = None;
     for ((oface, ip), wanted) in &keys {
         let Some(link) = view.links.get(oface) else {
             continue;
         };
         let index = link.index;
-        let state = nl.get_neigh(index, *ip)?;
+        let state = read_neigh(&mut nl, &mut table, index, *ip)?;
         let key = (oface.clone(), *ip);
         let (neigh, trigger, wait) = with_shared(|s| {
             let cached = s.cache.get(&key).copied();
@@ -343,7 +344,7 @@ fn gather_into(needs: &Needs, view: &mut NetView) -> io::Result<()> {
         std::thread::sleep(Duration::from_millis(5));
         let mut still = Vec::new();
         for (index, key) in waiting {
-            match nl.get_neigh(index, key.1)? {
+            match read_neigh(&mut nl, &mut table, index, key.1)? {
                 Some(NeighRead::Valid(mac)) => {
                     with_shared(|s| s.cache.insert(key.clone(), mac));
                     view.neighbours.insert(key, Neigh::Known(mac));
@@ -362,6 +363,36 @@ fn gather_into(needs: &Needs, view: &mut NetView) -> io::Result<()> {
         s.triggered.retain(|k, _| keys.contains_key(k));
     });
     Ok(())
+}
+
+/// One neighbour entry: asked for alone, or (kernels without `RTM_GETNEIGH` for one
+/// entry, before 5.0) looked up in a dump of the table, taken once per gather.
+fn read_neigh(
+    nl: &mut Nl,
+    table: &mut Option<BTreeMap<(u32, IpAddr), NeighRead>>,
+    index: u32,
+    ip: IpAddr,
+) -> io::Result<Option<NeighRead>> {
+    if table.is_none() {
+        match nl.get_neigh(index, ip) {
+            Ok(r) => return Ok(r),
+            Err(e) => {
+                tracing::debug!("single neighbour lookup failed ({e}); dumping the table");
+                let mut t = BTreeMap::new();
+                for m in nl.dump(RouteNetlinkMessage::GetNeighbour(
+                    NeighbourMessage::default(),
+                ))? {
+                    if let RouteNetlinkMessage::NewNeighbour(n) = m {
+                        if let (Some(dst), Some(r)) = (neigh_dst(&n), neigh_read(&n)) {
+                            t.insert((n.header.ifindex, dst), r);
+                        }
+                    }
+                }
+                *table = Some(t);
+            }
+        }
+    }
+    Ok(table.as_ref().and_then(|t| t.get(&(index, ip)).copied()))
 }
 
 fn parse_link(l: &LinkMessage) -> Option<(String, Link)> {
@@ -782,7 +813,7 @@ pub fn watch(changed: impl Fn() + Send + 'static) {
     let mut next_retry: Option<Instant> = None;
     let mut errors = 0u32;
     loop {
-        let (interest, unresolved) = with_shared(|s| (s.interest.clone(), s.unresolved));
+        let unresolved = with_shared(|s| s.unresolved);
         let now = Instant::now();
         match (unresolved, next_retry) {
             (true, None) => next_retry = Some(now + retry_wait),
@@ -812,6 +843,8 @@ pub fn watch(changed: impl Fn() + Send + 'static) {
         // SAFETY: poll on one valid descriptor.
         let rc = unsafe { libc::poll(&mut p, 1, timeout_ms) };
         if rc > 0 {
+            // What matters now (a request may have changed it while we slept).
+            let interest = with_shared(|s| s.interest.clone());
             // Drain what is queued (bounded).
             for _ in 0..1024 {
                 // SAFETY: non-blocking recv into our buffer.
@@ -847,7 +880,10 @@ pub fn watch(changed: impl Fn() + Send + 'static) {
                 }
                 let mut relevant = false;
                 for_each_message(&buf[..n as usize], |m| {
-                    relevant |= seen.relevant(&interest, m);
+                    if seen.relevant(&interest, m) {
+                        tracing::debug!("network change: {}", describe(m));
+                        relevant = true;
+                    }
                 });
                 if relevant {
                     dirty_since.get_or_insert(Instant::now());
@@ -863,8 +899,28 @@ pub fn watch(changed: impl Fn() + Send + 'static) {
             }
             dirty_since = None;
             next_retry = None;
+            tracing::debug!(retry, "network changed: rendering again");
             changed();
         }
+    }
+}
+
+/// A short description of an event, for the debug log.
+fn describe(m: &RouteNetlinkMessage) -> String {
+    match m {
+        RouteNetlinkMessage::NewLink(l) | RouteNetlinkMessage::DelLink(l) => format!(
+            "link {} {:?}",
+            l.header.index,
+            parse_link(l).map(|(n, _)| n)
+        ),
+        RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+            format!("address {:?}", addr_of(a))
+        }
+        RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
+            format!("neighbour {:?} {:?}", neigh_dst(n), neigh_read(n))
+        }
+        RouteNetlinkMessage::NewRoute(_) | RouteNetlinkMessage::DelRoute(_) => "route".into(),
+        _ => "other".into(),
     }
 }
 

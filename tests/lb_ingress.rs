@@ -242,7 +242,7 @@ fn dsr_missing_input_interface_is_a_note_until_it_appears() {
         msg.starts_with("success") && msg.contains("input interface 'nonexistent0' does not exist"),
         "{body}"
     );
-    assert!(!ruleset(&lab.lb).contains("farm-web"));
+    assert!(!ruleset(&lab.lb).contains("lb-web"));
     let (st, got) = d.get("/farms/web");
     assert_eq!(st, 200);
     assert_eq!(got["farms"][0]["mode"], "dsr");
@@ -260,6 +260,12 @@ fn dsr_missing_input_interface_is_a_note_until_it_appears() {
         "{body}"
     );
 
+    // The address comes to this host (say a VRRP failover): the farm is served.
+    lab.add_lb_vip("198.18.0.200");
+    wait_rules(&lab.lb, "the farm of the new address", |rs| {
+        rs.contains("lb-other") && rs.contains("198.18.0.200")
+    });
+
     // The interface appears: the watcher re-renders and the farm is served.
     lab.lb.ip(&[
         "link",
@@ -273,12 +279,12 @@ fn dsr_missing_input_interface_is_a_note_until_it_appears() {
     ]);
     lab.lb.ip(&["link", "set", "nonexistent0", "up"]);
     wait_rules(&lab.lb, "the farm on the new interface", |rs| {
-        rs.contains("farm-web") && rs.contains("device \"nonexistent0\"")
+        rs.contains("lb-web") && rs.contains("device \"nonexistent0\"")
     });
     // And goes away again.
     lab.lb.ip(&["link", "del", "nonexistent0"]);
     wait_rules(&lab.lb, "the farm's rules to go", |rs| {
-        !rs.contains("farm-web")
+        !rs.contains("lb-web")
     });
     let (st, _) = d.get("/farms");
     assert_eq!(st, 200);

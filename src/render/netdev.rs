@@ -4,14 +4,16 @@
 //!
 //! Layout:
 //! - One base chain per input interface, `ingress-IF` (`hook ingress device "IF"
-//!   priority 101`), looks packets up in the interface's service maps, keyed
-//!   `meta l4proto . ip daddr . th dport` (`ip6 daddr` for IPv6; `meta l4proto` skips
-//!   IPv6 extension headers and works at netdev ingress): `svc4x-IF`/`svc6x-IF` (single
-//!   ports, exact match), `svc4-IF`/`svc6-IF` (port ranges, one interval element each),
-//!   and for port-only services `svcp4x-IF`, `svcp4-IF`, `svcp6x-IF`, `svcp6-IF`
-//!   (`meta protocol ip meta l4proto . th dport`). An element jumps to the farm's chain
-//!   `farm-NAME`. Maps exist only while they have elements; the base chain's rules are
-//!   derived from the maps present, in a fixed order.
+//!   priority 101`), dispatches on `meta l4proto . ip daddr . th dport` (`ip6 daddr` for
+//!   IPv6; `meta l4proto` skips IPv6 extension headers and works at netdev ingress) and,
+//!   for port-only services, `meta protocol ip meta l4proto . th dport`, each with an
+//!   exact-match rule (single ports) and an interval rule (port ranges, one element
+//!   each, never expanded), to the farm's chain `lb-NAME`. The lookups are anonymous
+//!   verdict maps in the base chain's rules, holding every ingress farm of that
+//!   interface: ingress farms are few, the rule is replaced as a whole in the
+//!   transaction that changes it, and an anonymous map goes with its rule, so that
+//!   removing a farm never leaves an element pointing at a chain being deleted. (Base
+//!   chains are named so that they sort before the chains they jump to.)
 //! - `dsr`, per family served: `ether saddr set <output MAC> ether daddr set <scheduler>
 //!   map { buckets : backend MAC } fwd to "<output interface>"`. The frame leaves
 //!   unchanged above layer 2: backends hold the virtual address (on `lo`, not answering
@@ -25,9 +27,9 @@
 //!   : MAC } [tcp dport set ip daddr map { address : port }] ether saddr set <output MAC>
 //!   fwd to "<output interface>"` (one rule per protocol when ports are translated:
 //!   `th dport set` would not fix the checksum). Replies enter `ingress-dnat-OF`
-//!   (`priority 100`) on the output interface and are looked up by source in `ret4x-OF`,
-//!   `ret4-OF`, `ret6x-OF`, `ret6-OF` (`meta l4proto . ip saddr . th sport`), which jump
-//!   to `back-NAME`: `ether daddr set ip daddr map @cli4-… ip saddr set <VIP> [tcp sport
+//!   (`priority 100`) on the output interface and are looked up by source (`meta
+//!   l4proto . ip saddr . th sport vmap { proto . backend . port : goto reply-NAME }`):
+//!   `ether daddr set ip daddr map @cli4-… ip saddr set <VIP> [tcp sport
 //!   set <virtual port>] ether saddr set <input MAC> fwd to "<input interface>"`. The
 //!   client lookup comes first, so that the host's own traffic with a backend (health
 //!   checks) is left alone. No conntrack is involved.
@@ -116,14 +118,15 @@ impl Fam {
     }
 }
 
-/// Chain of a farm in the netdev table.
+/// Chain of a farm in the netdev table. (Farm chains sort after the `ingress-…` base
+/// chains that jump to them, so that a plan removing both flushes the base chain first.)
 pub fn farm_chain(farm: &str) -> String {
-    format!("farm-{farm}")
+    format!("lb-{farm}")
 }
 
-/// Return chain of a `stlsdnat` farm.
+/// Return chain of a `stlsdnat` farm (sorts after `ingress-dnat-…` too).
 pub fn back_chain(farm: &str) -> String {
-    format!("back-{farm}")
+    format!("reply-{farm}")
 }
 
 fn client_map(farm: &Farm, fam: Fam) -> String {
@@ -427,152 +430,63 @@ fn netdev(rs: &mut Ruleset) -> &mut Table {
     rs.tables.entry(TableFamily::Netdev).or_default()
 }
 
-fn ensure_map<'t>(t: &'t mut Table, name: &str, spec: String) -> &'t mut MapDef {
-    t.maps.entry(name.to_string()).or_insert_with(|| MapDef {
-        kind: "map",
-        spec,
-        elements: BTreeMap::new(),
-        dynamic: false,
-    })
+/// The lookups of an ingress base chain, in rule order: (rule head, interval).
+/// Service lookups (by destination) go in `ingress-IF`, return lookups of stateless
+/// DNAT (by source) in `ingress-dnat-IF`.
+fn lookups(ret: bool) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    for fam in [Fam::V4, Fam::V6] {
+        let ip = fam.ip();
+        if ret {
+            let key = format!("meta l4proto . {ip} saddr . th sport");
+            out.push((key.clone(), false));
+            out.push((key, true));
+        } else {
+            let full = format!("meta l4proto . {ip} daddr . th dport");
+            out.push((full.clone(), false));
+            out.push((full, true));
+        }
+    }
+    if !ret {
+        for fam in [Fam::V4, Fam::V6] {
+            let port = format!("meta protocol {} meta l4proto . th dport", fam.ip());
+            out.push((port.clone(), false));
+            out.push((port, true));
+        }
+    }
+    out
 }
 
-/// The service-lookup map kinds of an ingress chain, in rule order:
-/// (name prefix, key type, interval, rule).
-fn service_maps(fam: Fam) -> [(String, String, bool, String); 4] {
-    let (d, ip, at) = (fam.digit(), fam.ip(), fam.addr_type());
-    let full = format!("meta l4proto . {ip} daddr . th dport");
-    let port = format!("meta protocol {ip} meta l4proto . th dport");
-    [
-        (
-            format!("svc{d}x"),
-            format!("inet_proto . {at} . inet_service"),
-            false,
-            full.clone(),
-        ),
-        (
-            format!("svc{d}"),
-            format!("inet_proto . {at} . inet_service"),
-            true,
-            full,
-        ),
-        (
-            format!("svcp{d}x"),
-            "inet_proto . inet_service".into(),
-            false,
-            port.clone(),
-        ),
-        (
-            format!("svcp{d}"),
-            "inet_proto . inet_service".into(),
-            true,
-            port,
-        ),
-    ]
+/// Index into [`lookups`] of a service key.
+fn lookup_index(fam: Fam, with_addr: bool, interval: bool, ret: bool) -> usize {
+    let f = usize::from(fam == Fam::V6);
+    let base = if with_addr || ret { 0 } else { 4 };
+    base + 2 * f + usize::from(interval)
 }
 
-fn return_maps(fam: Fam) -> [(String, String, bool, String); 2] {
-    let (d, ip, at) = (fam.digit(), fam.ip(), fam.addr_type());
-    let key = format!("meta l4proto . {ip} saddr . th sport");
-    [
-        (
-            format!("ret{d}x"),
-            format!("inet_proto . {at} . inet_service"),
-            false,
-            key.clone(),
-        ),
-        (
-            format!("ret{d}"),
-            format!("inet_proto . {at} . inet_service"),
-            true,
-            key,
-        ),
-    ]
-}
-
-fn map_spec(key: &str, interval: bool) -> String {
-    if interval {
-        format!("type {key} : verdict; flags interval;")
+fn ingress_chain(iface: &str, ret: bool) -> String {
+    if ret {
+        format!("ingress-dnat-{iface}")
     } else {
-        format!("type {key} : verdict;")
+        format!("ingress-{iface}")
     }
 }
 
-/// Rebuilds a base chain's lookup rules from the maps present.
-fn rebuild_base(
-    t: &mut Table,
-    chain: &str,
-    base: String,
-    kinds: &[(String, String, bool, String)],
-    iface: &str,
-) {
-    let rules: Vec<String> = kinds
-        .iter()
-        .filter_map(|(prefix, _, _, rule)| {
-            let name = format!("{prefix}-{iface}");
-            t.maps
-                .get(&name)
-                .filter(|m| !m.elements.is_empty())
-                .map(|_| format!("{rule} vmap @{name}"))
-        })
-        .collect();
-    t.chains.insert(
-        chain.to_string(),
-        Chain {
-            base: Some(base),
-            rules,
-        },
-    );
-}
+/// A dispatch element: ((interface, return path), lookup index, key, verdict).
+type Dispatch = ((String, bool), usize, String, String);
 
-fn ingress_base(iface: &str, prio: i32) -> String {
-    format!("type filter hook ingress device \"{iface}\" priority {prio}; policy accept;")
-}
-
-fn rebuild_ingress(t: &mut Table, iface: &str) {
-    let kinds: Vec<_> = [Fam::V4, Fam::V6]
-        .into_iter()
-        .flat_map(service_maps)
-        .collect();
-    rebuild_base(
-        t,
-        &format!("ingress-{iface}"),
-        ingress_base(iface, PRIO_INGRESS),
-        &kinds,
-        iface,
-    );
-}
-
-fn rebuild_return(t: &mut Table, oface: &str) {
-    let kinds: Vec<_> = [Fam::V4, Fam::V6]
-        .into_iter()
-        .flat_map(return_maps)
-        .collect();
-    rebuild_base(
-        t,
-        &format!("ingress-dnat-{oface}"),
-        ingress_base(oface, PRIO_RETURN),
-        &kinds,
-        oface,
-    );
-}
-
-/// A map element to add: (map name, spec, key, value).
-type Elem = (String, String, String, String);
-
-fn service_elems(e: &Entry, goto: &str) -> Vec<Elem> {
-    let kinds = service_maps(e.fam);
+fn service_elems(e: &Entry, goto: &str) -> Vec<Dispatch> {
     let mut out = Vec::new();
     for p in e.addr.protocol.l4() {
         for r in e.addr.ports.ranges() {
-            let single = r.lo == r.hi;
-            let (k, key) = match e.addr.ip_addr {
-                Some(vip) => (if single { 0 } else { 1 }, format!("{p} . {vip} . {r}")),
-                None => (if single { 2 } else { 3 }, format!("{p} . {r}")),
+            let interval = r.lo != r.hi;
+            let (with_addr, key) = match e.addr.ip_addr {
+                Some(vip) => (true, format!("{p} . {vip} . {r}")),
+                None => (false, format!("{p} . {r}")),
             };
-            let (prefix, kt, interval, _) = &kinds[k];
             out.push((
-                format!("{prefix}-{}", e.iface),
-                map_spec(kt, *interval),
+                (e.iface.clone(), false),
+                lookup_index(e.fam, with_addr, interval, false),
                 key,
                 goto.to_string(),
             ));
@@ -581,15 +495,41 @@ fn service_elems(e: &Entry, goto: &str) -> Vec<Elem> {
     out
 }
 
+/// The base chains, with their lookups as anonymous verdict maps. (Anonymous maps go
+/// with their rule: removing a farm never leaves a map element pointing at a chain
+/// being deleted.)
+fn base_chains(t: &mut Table, dispatch: &BTreeMap<(String, bool), Vec<BTreeMap<String, String>>>) {
+    for ((iface, ret), kinds) in dispatch {
+        let heads = lookups(*ret);
+        let rules: Vec<String> = heads
+            .iter()
+            .zip(kinds)
+            .filter(|(_, elems)| !elems.is_empty())
+            .map(|((head, _), elems)| {
+                let body: Vec<String> = elems.iter().map(|(k, v)| format!("{k} : {v}")).collect();
+                format!("{head} vmap {{ {} }}", body.join(", "))
+            })
+            .collect();
+        let prio = if *ret { PRIO_RETURN } else { PRIO_INGRESS };
+        t.chains.insert(
+            ingress_chain(iface, *ret),
+            Chain {
+                base: Some(format!(
+                    "type filter hook ingress device \"{iface}\" priority {prio}; policy accept;"
+                )),
+                rules,
+            },
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // the farm
 
 /// What one farm adds to the netdev table.
 #[derive(Default)]
 struct Parts {
-    elems: Vec<Elem>,
-    ifaces: BTreeSet<String>,
-    ofaces: BTreeSet<String>,
+    dispatch: Vec<Dispatch>,
     maps: Vec<(String, MapDef)>,
     chains: Vec<(String, Chain)>,
 }
@@ -616,9 +556,15 @@ fn unserved_keys(f: &Farm) -> Vec<&'static str> {
         .collect()
 }
 
-/// Adds the rules of one `dsr` or `stlsdnat` farm to `rs` (the `table netdev nftlb`),
-/// or a note saying why it cannot be served. Notes also name backends that get no
+/// Adds the rules of the `dsr` and `stlsdnat` farms to `rs` (the `table netdev nftlb`)
+/// and the notes about `farm`: why it cannot be served, or which backends get no
 /// traffic and why.
+///
+/// The base chains hold every ingress farm's services, so each call renders all
+/// ingress farms (in state order: a conflict goes against the later farm) and replaces
+/// what an earlier call added; only `farm`'s notes are kept. The result does not depend
+/// on the order of the calls, nor on whether every farm gets one. Ingress farms are
+/// few: the quadratic cost does not matter.
 pub fn render_farm(
     state: &State,
     farm: &Farm,
@@ -628,6 +574,67 @@ pub fn render_farm(
     rs: &mut Ruleset,
     notes: &mut Vec<Note>,
 ) {
+    let mut all = Vec::new();
+    render_all(state, net, rs, &mut all);
+    notes.extend(all.into_iter().filter(|(f, _)| *f == farm.name));
+}
+
+fn render_all(state: &State, net: &NetView, rs: &mut Ruleset, notes: &mut Vec<Note>) {
+    let mut dispatch: BTreeMap<(String, bool), Vec<BTreeMap<String, String>>> = BTreeMap::new();
+    let mut maps = Vec::new();
+    let mut chains = Vec::new();
+    for farm in state.farms.values() {
+        if farm.state != FarmState::Up || !matches!(farm.mode, Mode::Dsr | Mode::Stlsdnat) {
+            continue;
+        }
+        let Some(p) = farm_parts(state, farm, net, notes) else {
+            continue;
+        };
+        // Refuse a farm whose keys another farm has (two stlsdnat farms sharing a
+        // backend address and port cannot tell their replies apart).
+        let conflict = p.dispatch.iter().find_map(|(chain, i, key, value)| {
+            dispatch
+                .get(chain)
+                .and_then(|kinds| kinds[*i].get(key))
+                .filter(|v| *v != value)
+                .map(|v| (key.clone(), v.trim_start_matches("goto ").to_string()))
+        });
+        if let Some((key, other)) = conflict {
+            notes.push((
+                farm.name.clone(),
+                format!(
+                    "Farm '{}' ({}) is not served: '{key}' is already used by chain {other}",
+                    farm.name,
+                    farm.mode.as_str()
+                ),
+            ));
+            continue;
+        }
+        for (chain, i, key, value) in p.dispatch {
+            let ret = chain.1;
+            dispatch
+                .entry(chain)
+                .or_insert_with(|| vec![BTreeMap::new(); lookups(ret).len()])[i]
+                .insert(key, value);
+        }
+        maps.extend(p.maps);
+        chains.extend(p.chains);
+    }
+    if dispatch.is_empty() && chains.is_empty() && maps.is_empty() {
+        return;
+    }
+    let t = netdev(rs);
+    for (name, m) in maps {
+        t.maps.insert(name, m);
+    }
+    for (name, c) in chains {
+        t.chains.insert(name, c);
+    }
+    base_chains(t, &dispatch);
+}
+
+/// One farm's part of the netdev table, or `None` (with a note) if it cannot be served.
+fn farm_parts(state: &State, farm: &Farm, net: &NetView, notes: &mut Vec<Note>) -> Option<Parts> {
     let mode = farm.mode.as_str();
     let note = |notes: &mut Vec<Note>, m: String| notes.push((farm.name.clone(), m));
     if !net.gathered {
@@ -638,7 +645,7 @@ pub fn render_farm(
                 farm.name
             ),
         );
-        return;
+        return None;
     }
     if let Some(e) = &net.error {
         note(
@@ -648,7 +655,7 @@ pub fn render_farm(
                 farm.name
             ),
         );
-        return;
+        return None;
     }
     let unserved = unserved_keys(farm);
     if !unserved.is_empty() {
@@ -668,7 +675,7 @@ pub fn render_farm(
                 notes,
                 format!("Farm '{}' ({mode}) is not served: {e}", farm.name),
             );
-            return;
+            return None;
         }
     };
     // Backends.
@@ -730,50 +737,16 @@ pub fn render_farm(
         Mode::Dsr => Ok(dsr(farm, &entries, &targets)),
         _ => stlsdnat(farm, &entries, &targets),
     };
-    let parts = match parts.and_then(|p| check_conflicts(rs, p)) {
-        Ok(p) => p,
+    match parts {
+        Ok(p) => Some(p),
         Err(e) => {
             note(
                 notes,
                 format!("Farm '{}' ({mode}) is not served: {e}", farm.name),
             );
-            return;
-        }
-    };
-    let t = netdev(rs);
-    for (name, m) in parts.maps {
-        t.maps.insert(name, m);
-    }
-    for (name, c) in parts.chains {
-        t.chains.insert(name, c);
-    }
-    for (map, spec, key, value) in parts.elems {
-        ensure_map(t, &map, spec).elements.insert(key, value);
-    }
-    for i in &parts.ifaces {
-        rebuild_ingress(t, i);
-    }
-    for o in &parts.ofaces {
-        rebuild_return(t, o);
-    }
-}
-
-/// Refuses a farm whose map keys are already taken by another farm (return paths of
-/// two `stlsdnat` farms sharing a backend address and port).
-fn check_conflicts(rs: &Ruleset, p: Parts) -> Result<Parts, String> {
-    if let Some(t) = rs.tables.get(&TableFamily::Netdev) {
-        for (map, _, key, value) in &p.elems {
-            if let Some(v) = t.maps.get(map).and_then(|m| m.elements.get(key)) {
-                if v != value {
-                    return Err(format!(
-                        "'{key}' is already used by {} (in map {map})",
-                        v.trim_start_matches("goto ")
-                    ));
-                }
-            }
+            None
         }
     }
-    Ok(p)
 }
 
 fn by_family<'a, 'b>(targets: &'b [Target<'a>], fam: Fam) -> Vec<&'b Target<'a>> {
@@ -932,8 +905,7 @@ fn dsr<'a>(farm: &Farm, entries: &[Entry<'a>], targets: &[Target<'a>]) -> Parts 
     let mut p = Parts::default();
     let fams: BTreeSet<Fam> = entries.iter().map(|e| e.fam).collect();
     for e in entries {
-        p.elems.extend(service_elems(e, &goto));
-        p.ifaces.insert(e.iface.clone());
+        p.dispatch.extend(service_elems(e, &goto));
     }
     let mut rules = Vec::new();
     for fam in fams {
@@ -982,8 +954,7 @@ fn stlsdnat<'a>(
         let imac = e
             .imac
             .ok_or_else(|| format!("input interface '{}' has no MAC address", e.iface))?;
-        p.elems.extend(service_elems(e, &goto));
-        p.ifaces.insert(e.iface.clone());
+        p.dispatch.extend(service_elems(e, &goto));
         let cmap = client_map(farm, fam);
         p.maps.push((
             cmap.clone(),
@@ -1065,19 +1036,16 @@ fn stlsdnat<'a>(
         }
         rules.extend(pick_rules(farm, fam, &ts, &deliveries, &mut p));
         // Return path.
-        let kinds = return_maps(fam);
         for t in &ts {
-            p.ofaces.insert(t.oface.clone());
             for proto in protos {
                 let sports: Vec<PortRange> = match t.backend.port {
                     Some(bp) if with_port => vec![PortRange { lo: bp, hi: bp }],
                     _ => vports.clone(),
                 };
                 for r in sports {
-                    let (prefix, kt, interval, _) = &kinds[usize::from(r.lo != r.hi)];
-                    p.elems.push((
-                        format!("{prefix}-{}", t.oface),
-                        map_spec(kt, *interval),
+                    p.dispatch.push((
+                        (t.oface.clone(), true),
+                        lookup_index(fam, true, r.lo != r.hi, true),
                         format!("{proto} . {} . {r}", t.ip),
                         goto_back.clone(),
                     ));
@@ -1245,20 +1213,19 @@ mod tests {
         let (text, notes) = render_text(&state(dsr_farm(json!({}))), &net());
         assert!(notes.is_empty(), "{notes:?}");
         assert!(text.contains("add chain netdev nftlb ingress-eth0 { type filter hook ingress device \"eth0\" priority 101; policy accept; }"), "{text}");
-        assert!(text.contains("add rule netdev nftlb ingress-eth0 meta l4proto . ip daddr . th dport vmap @svc4x-eth0"), "{text}");
-        assert!(text.contains("add rule netdev nftlb ingress-eth0 meta l4proto . ip daddr . th dport vmap @svc4-eth0"), "{text}");
-        assert!(
-            text.contains(
-                "add element netdev nftlb svc4x-eth0 { tcp . 198.18.0.100 . 80 : goto farm-d }"
-            ),
-            "{text}"
-        );
-        assert!(text.contains("add element netdev nftlb svc4-eth0 { tcp . 198.18.0.100 . 1000-2000 : goto farm-d }"), "{text}");
+        for elems in [
+            "tcp . 198.18.0.100 . 80 : goto lb-d",
+            "tcp . 198.18.0.100 . 1000-2000 : goto lb-d",
+        ] {
+            let rule = format!("add rule netdev nftlb ingress-eth0 meta l4proto . ip daddr . th dport vmap {{ {elems} }}");
+            assert!(text.contains(&rule), "{rule}\n{text}");
+        }
+        assert!(!text.contains("add map"), "{text}");
         let rule = text
             .lines()
-            .find(|l| l.starts_with("add rule netdev nftlb farm-d"))
+            .find(|l| l.starts_with("add rule netdev nftlb lb-d"))
             .unwrap();
-        assert!(rule.starts_with("add rule netdev nftlb farm-d meta protocol ip ether daddr set jhash ip saddr . th sport mod 256 seed 0x0 map { 0"), "{rule}");
+        assert!(rule.starts_with("add rule netdev nftlb lb-d meta protocol ip ether daddr set jhash ip saddr . th sport mod 256 seed 0x0 map { 0"), "{rule}");
         assert!(
             rule.ends_with("} ether saddr set 02:00:00:00:00:01 fwd to \"eth0\""),
             "{rule}"
@@ -1296,7 +1263,7 @@ mod tests {
         ));
         let (text, notes) = render_text(&st, &net());
         // One usable backend: no hash at all.
-        assert!(text.contains("add rule netdev nftlb farm-d meta protocol ip ether daddr set 02:00:00:00:00:11 ether saddr set 02:00:00:00:00:01 fwd to \"eth0\""), "{text}");
+        assert!(text.contains("add rule netdev nftlb lb-d meta protocol ip ether daddr set 02:00:00:00:00:11 ether saddr set 02:00:00:00:00:01 fwd to \"eth0\""), "{text}");
         assert_eq!(notes.len(), 3, "{notes:?}");
         assert!(
             notes[0].contains("'b3'") && notes[0].contains("does not answer"),
@@ -1350,29 +1317,13 @@ mod tests {
         );
         let (text, notes) = render_text(&st, &net());
         assert!(notes.is_empty(), "{notes:?}");
-        assert!(
-            text.contains("add element netdev nftlb svcp4x-eth0 { udp . 53 : goto farm-p }"),
-            "{text}"
-        );
-        assert!(
-            text.contains("add element netdev nftlb svcp6x-eth0 { udp . 53 : goto farm-p }"),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "ingress-eth0 meta protocol ip meta l4proto . th dport vmap @svcp4x-eth0"
-            ),
-            "{text}"
-        );
-        assert!(
-            text.contains(
-                "ingress-eth0 meta protocol ip6 meta l4proto . th dport vmap @svcp6x-eth0"
-            ),
-            "{text}"
-        );
+        for ip in ["ip", "ip6"] {
+            let rule = format!("ingress-eth0 meta protocol {ip} meta l4proto . th dport vmap {{ udp . 53 : goto lb-p }}");
+            assert!(text.contains(&rule), "{rule}\n{text}");
+        }
         assert!(text.contains("symhash mod 256 map"), "{text}");
         assert!(text.contains("ether saddr set ether daddr map { 02:00:00:00:00:11 : 02:00:00:00:00:01, 02:00:00:00:00:21 : 02:00:00:00:00:02 } fwd to ether daddr map { 02:00:00:00:00:11 : \"eth0\", 02:00:00:00:00:21 : \"eth1\" }"), "{text}");
-        assert!(text.contains("farm-p meta protocol ip6 ether daddr set 02:00:00:00:00:61 ether saddr set 02:00:00:00:00:01 fwd to \"eth0\""), "{text}");
+        assert!(text.contains("lb-p meta protocol ip6 ether daddr set 02:00:00:00:00:61 ether saddr set 02:00:00:00:00:01 fwd to \"eth0\""), "{text}");
     }
 
     #[test]
@@ -1387,18 +1338,17 @@ mod tests {
         assert!(text.contains("add map netdev nftlb cli4-s-t60 { type ipv4_addr : ether_addr; size 262144; flags dynamic,timeout; timeout 60s; }"), "{text}");
         assert!(
             text.contains(
-                "add rule netdev nftlb farm-s update @cli4-s-t60 { ip saddr : ether saddr }"
+                "add rule netdev nftlb lb-s update @cli4-s-t60 { ip saddr : ether saddr }"
             ),
             "{text}"
         );
         for proto in ["tcp", "udp", "sctp"] {
             assert!(text.contains(&format!("{proto} dport set ip daddr map {{ 198.18.0.11 : 8081, 198.18.1.21 : 8080 }} ether saddr set ip daddr map {{ 198.18.0.11 : 02:00:00:00:00:01, 198.18.1.21 : 02:00:00:00:00:02 }} fwd to ip daddr map {{ 198.18.0.11 : \"eth0\", 198.18.1.21 : \"eth1\" }}")), "{text}");
-            assert!(text.contains(&format!("add rule netdev nftlb back-s meta protocol ip meta l4proto {proto} ether daddr set ip daddr map @cli4-s-t60 ip saddr set 198.18.0.100 {proto} sport set 80 ether saddr set 02:00:00:00:00:01 fwd to \"eth0\"")), "{text}");
+            assert!(text.contains(&format!("add rule netdev nftlb reply-s meta protocol ip meta l4proto {proto} ether daddr set ip daddr map @cli4-s-t60 ip saddr set 198.18.0.100 {proto} sport set 80 ether saddr set 02:00:00:00:00:01 fwd to \"eth0\"")), "{text}");
         }
-        assert!(text.contains("add element netdev nftlb ret4x-eth1 { sctp . 198.18.1.21 . 8080 : goto back-s, tcp . 198.18.1.21 . 8080 : goto back-s, udp . 198.18.1.21 . 8080 : goto back-s }"), "{text}");
+        assert!(text.contains("add rule netdev nftlb ingress-dnat-eth1 meta l4proto . ip saddr . th sport vmap { sctp . 198.18.1.21 . 8080 : goto reply-s, tcp . 198.18.1.21 . 8080 : goto reply-s, udp . 198.18.1.21 . 8080 : goto reply-s }"), "{text}");
         assert!(text.contains("add chain netdev nftlb ingress-dnat-eth1 { type filter hook ingress device \"eth1\" priority 100; policy accept; }"), "{text}");
-        assert!(text.contains("add rule netdev nftlb ingress-dnat-eth1 meta l4proto . ip saddr . th sport vmap @ret4x-eth1"), "{text}");
-        assert!(text.contains("add rule netdev nftlb farm-s drop"), "{text}");
+        assert!(text.contains("add rule netdev nftlb lb-s drop"), "{text}");
     }
 
     #[test]
@@ -1420,12 +1370,9 @@ mod tests {
             {"name":"s2","virtual-addr":"198.18.0.1","virtual-ports":"80","mode":"stlsdnat",
              "backends":[{"name":"a","ip-addr":"198.18.1.21","port":"8080"}]}]}));
         let (text, notes) = render_text(&st, &net());
+        assert!(text.contains("lb-s1") && !text.contains("lb-s2"), "{text}");
         assert!(
-            text.contains("farm-s1") && !text.contains("farm-s2"),
-            "{text}"
-        );
-        assert!(
-            notes.len() == 1 && notes[0].contains("Farm 's2'") && notes[0].contains("back-s1"),
+            notes.len() == 1 && notes[0].contains("Farm 's2'") && notes[0].contains("reply-s1"),
             "{notes:?}"
         );
     }
@@ -1448,7 +1395,7 @@ mod tests {
         );
         let rules: Vec<&str> = text
             .lines()
-            .filter(|l| l.starts_with("add rule netdev nftlb farm-d"))
+            .filter(|l| l.starts_with("add rule netdev nftlb lb-d"))
             .collect();
         let usable = "ether daddr { 02:00:00:00:00:11, 02:00:00:00:00:12 }";
         let out = "ether saddr set 02:00:00:00:00:01 fwd to \"eth0\"";
