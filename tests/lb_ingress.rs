@@ -179,6 +179,11 @@ fn dsr_udp_and_ipv6() {
     let body = d.apply(&doc);
     assert_eq!(response(&body), "success", "{body}");
     assert_balanced(&lab.udp_many(VIP6, 53, 24), FLAT_CLI6);
+
+    // Deleting one farm leaves the other on the same interface alone.
+    d.delete_ok("/farms/dns");
+    assert!(lab.udp_many(VIP, 53, 1)[0].is_err());
+    assert_balanced(&lab.udp_many(VIP6, 53, 16), FLAT_CLI6);
     assert_no_fallback(&d);
 }
 
@@ -409,7 +414,7 @@ fn dsr_persistence_and_static_sessions() {
     lab.add_lb_vip(VIP);
     lab.backends_own(VIP);
     lab.serve_tcp(80);
-    let d = Daemon::start(&lab.lb);
+    let mut d = Daemon::start(&lab.lb);
     let mut doc = dsr("web", VIP, "80", "tcp", flat_backends(&lab));
     doc["farms"][0]["persistence"] = json!("srcip");
     doc["farms"][0]["persist-ttl"] = json!("120");
@@ -427,6 +432,21 @@ fn dsr_persistence_and_static_sessions() {
     assert_eq!(response(&body), "success", "{body}");
     let n = names(&lab.tcp_many(VIP, 80, 8));
     assert_eq!(counts(&n), expect_counts(&[(other, 8)]));
+
+    // A restart keeps the rules in place and the learnt entries with them.
+    d.apply(&json!({"farms":[{"name":"web","sessions":[]}]}));
+    let before = names(&lab.tcp_many(VIP, 80, 1))[0].clone();
+    d.restart();
+    let n = names(&lab.tcp_many(VIP, 80, 8));
+    assert_eq!(counts(&n), expect_counts(&[(before.as_str(), 8)]));
+    assert!(
+        !d.log().contains("resynchronisation failed"),
+        "{}",
+        tail(&d.log(), 3000)
+    );
+    let body = d.apply(&json!({"farms":[{"name":"web",
+        "sessions":[{"client": FLAT_CLI4, "backend": other}]}]}));
+    assert_eq!(response(&body), "success", "{body}");
 
     // The pinned backend fails: the session does not apply, the learnt entry is
     // forgotten, and the client sticks to the backend that is left.
