@@ -344,13 +344,6 @@ fn apply_policy(state: &mut State, v: &Value, mode: &ApplyMode) -> DResult<()> {
     } else if let ApplyMode::ReplacePolicyElements(_) = mode {
         p.elements.clear();
     }
-    if obj.contains_key("elements") && *mode != ApplyMode::RemoveElements {
-        if let Some((a, b)) = overlapping_elements(&p) {
-            return invalid(format!(
-                "Invalid value '{b}' of key 'data' in {ctx}: it overlaps element '{a}'"
-            ));
-        }
-    }
     state.policies.insert(name.clone(), p);
     if let Some(new) = newname {
         rename_policy(state, &name, &new)?;

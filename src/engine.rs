@@ -454,14 +454,25 @@ impl Engine {
             Family::Ipv6 => TableFamily::Ip6,
             _ => TableFamily::Ip,
         };
-        let Ok(listing) = self.kernel.list_json(&format!(
-            "list set {} {TABLE} {}",
-            fam.as_str(),
-            crate::render::filter::policy_set(&p.name)
-        )) else {
-            return v;
-        };
-        let counters = parse_set_counters(&listing);
+        // One set per prefix length; their keys are the masked networks.
+        let mut counters = HashMap::new();
+        let full = if fam == TableFamily::Ip6 { 128 } else { 32 };
+        for (len, set) in crate::render::filter::policy_sets(p) {
+            let Ok(listing) = self
+                .kernel
+                .list_json(&format!("list set {} {TABLE} {set}", fam.as_str()))
+            else {
+                continue;
+            };
+            for (addr, c) in parse_set_counters(&listing) {
+                let data = if len == full {
+                    addr
+                } else {
+                    format!("{addr}/{len}")
+                };
+                counters.insert(data, c);
+            }
+        }
         if let Some(elems) = v.get_mut("elements").and_then(Value::as_array_mut) {
             for e in elems {
                 let data = e

@@ -321,40 +321,6 @@ pub fn parse_element(s: &str, family: Family) -> ValueResult<String> {
     }
 }
 
-/// The address range `[lo, hi]` an element covers (IPv4 mapped into the low bits).
-fn element_range(data: &str) -> Option<(u128, u128)> {
-    let (addr, prefix) = match data.split_once('/') {
-        Some((a, p)) => (a, p.parse::<u32>().ok()?),
-        None => (data, if data.contains(':') { 128 } else { 32 }),
-    };
-    let (v, bits) = match addr.parse::<IpAddr>().ok()? {
-        IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
-        IpAddr::V6(a) => (u128::from(a), 128),
-    };
-    let host = bits - prefix.min(bits);
-    let span = if host >= 128 {
-        u128::MAX
-    } else {
-        (1u128 << host) - 1
-    };
-    Some((v & !span, v | span))
-}
-
-/// Finds two elements of a policy that overlap (nft refuses overlapping intervals in one
-/// set, and a merged set would lose the per-element counters).
-pub fn overlapping_elements(p: &Policy) -> Option<(String, String)> {
-    let mut ranges: Vec<(u128, u128, &str)> = p
-        .elements
-        .keys()
-        .filter_map(|d| element_range(d).map(|(lo, hi)| (lo, hi, d.as_str())))
-        .collect();
-    ranges.sort_unstable();
-    ranges
-        .windows(2)
-        .find(|w| w[1].0 <= w[0].1)
-        .map(|w| (w[0].2.to_string(), w[1].2.to_string()))
-}
-
 /// The whole desired state. Maps keep creation order, which is the order of GET output.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct State {
@@ -632,32 +598,6 @@ mod tests {
         assert_eq!(
             st.backend_statuses(&f),
             vec![BackendStatus::Down, BackendStatus::Up, BackendStatus::Up]
-        );
-    }
-
-    #[test]
-    fn overlapping_elements_are_found() {
-        let mut p = Policy::new("p".into());
-        for d in ["198.18.0.0/24", "198.18.1.5", "198.18.2.0/23"] {
-            p.elements.insert(
-                d.into(),
-                Element {
-                    data: d.into(),
-                    time: String::new(),
-                },
-            );
-        }
-        assert_eq!(overlapping_elements(&p), None);
-        p.elements.insert(
-            "198.18.3.7".into(),
-            Element {
-                data: "198.18.3.7".into(),
-                time: String::new(),
-            },
-        );
-        assert_eq!(
-            overlapping_elements(&p),
-            Some(("198.18.2.0/23".to_string(), "198.18.3.7".to_string()))
         );
     }
 
