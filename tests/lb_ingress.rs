@@ -206,6 +206,12 @@ fn dsr_unresolvable_backend_is_reported_and_skipped() {
     assert!(!msg.contains("'be1'") && !msg.contains("'be2'"), "{body}");
     let r = lab.tcp_many(VIP, 80, 24);
     assert_balanced(&r, FLAT_CLI4);
+
+    // Input logging (every packet: there is no connection state), rate-limited.
+    let body = d.apply(&json!({"farms":[{"name":"web","log":"input","log-rtlimit":"10/second"}]}));
+    assert!(response(&body).starts_with("success"), "{body}");
+    assert!(ruleset(&lab.lb).contains("limit rate 10/second log prefix \"IN-web \""));
+    assert_balanced(&lab.tcp_many(VIP, 80, 16), FLAT_CLI4);
     assert_no_fallback(&d);
 }
 

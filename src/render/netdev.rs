@@ -55,6 +55,10 @@
 //! for a backend that no longer is gets deleted and the packet is scheduled again; the
 //! scheduler rule records its choice (`update @ps…`).
 //!
+//! `log input` logs every packet that reaches a farm's chain (`log-rtlimit` limits the
+//! rate); `log forward/output`, limits, policies and marks are not enforced for these
+//! farms (a note says so).
+//!
 //! Backend states: only `up` backends of the active priority group get traffic. `off`
 //! cannot drain without connection tracking: it is treated as `down` (a note says so).
 //! A backend whose output interface or MAC is unknown gets no traffic and is reported
@@ -66,6 +70,7 @@ use std::net::IpAddr;
 
 use crate::model::*;
 use crate::netinfo::{Neigh, NetView, Route};
+use crate::render::filter::{expand, Tokens};
 use crate::render::{Note, RenderConfig, Slots};
 use crate::ruleset::{Chain, MapDef, Ruleset, Table, TableFamily};
 
@@ -538,7 +543,10 @@ struct Parts {
 fn unserved_keys(f: &Farm) -> Vec<&'static str> {
     let d = Farm::new(String::new());
     let checks: [(&'static str, bool); 10] = [
-        ("log", f.log != d.log),
+        (
+            "log forward/output",
+            f.log.has("forward") || f.log.has("output"),
+        ),
         ("mark", f.mark != d.mark),
         ("new-rtlimit", f.new_rtlimit.count != 0),
         ("rst-rtlimit", f.rst_rtlimit.count != 0),
@@ -899,6 +907,35 @@ fn pick_rules(
     rules
 }
 
+/// `log input`: every packet that reaches the farm (there is no connection state to
+/// log new flows only; `log-rtlimit` limits the rate).
+fn input_log(farm: &Farm) -> Vec<String> {
+    if !farm.log.has("input") {
+        return Vec::new();
+    }
+    let template = farm
+        .log_prefix
+        .clone()
+        .unwrap_or_else(|| "TYPE-FNAME ".into());
+    let prefix = expand(
+        &template,
+        &Tokens {
+            kname: "log",
+            ty: "IN",
+            fname: &farm.name,
+            ..Default::default()
+        },
+    );
+    if farm.log_rtlimit.count > 0 {
+        vec![format!(
+            "limit rate {} log prefix \"{prefix}\"",
+            farm.log_rtlimit
+        )]
+    } else {
+        vec![format!("log prefix \"{prefix}\"")]
+    }
+}
+
 fn dsr<'a>(farm: &Farm, entries: &[Entry<'a>], targets: &[Target<'a>]) -> Parts {
     let chain = farm_chain(&farm.name);
     let goto = format!("goto {chain}");
@@ -907,7 +944,7 @@ fn dsr<'a>(farm: &Farm, entries: &[Entry<'a>], targets: &[Target<'a>]) -> Parts 
     for e in entries {
         p.dispatch.extend(service_elems(e, &goto));
     }
-    let mut rules = Vec::new();
+    let mut rules = input_log(farm);
     for fam in fams {
         let ip = fam.ip();
         let ts = by_family(targets, fam);
@@ -933,7 +970,7 @@ fn stlsdnat<'a>(
     let goto = format!("goto {chain}");
     let goto_back = format!("goto {back}");
     let mut p = Parts::default();
-    let mut rules = Vec::new();
+    let mut rules = input_log(farm);
     let mut back_rules = Vec::new();
     let mut fams_seen = BTreeSet::new();
     for e in entries {
@@ -1416,6 +1453,20 @@ mod tests {
             "{}",
             rules[3]
         );
+    }
+
+    #[test]
+    fn input_logging() {
+        let st = state(dsr_farm(json!({"log":"input","log-rtlimit":"5/second"})));
+        let (text, notes) = render_text(&st, &net());
+        assert!(notes.is_empty(), "{notes:?}");
+        assert!(
+            text.contains("add rule netdev nftlb lb-d limit rate 5/second log prefix \"IN-d \""),
+            "{text}"
+        );
+        let st = state(dsr_farm(json!({"log":"output"})));
+        let (_, notes) = render_text(&st, &net());
+        assert!(notes[0].contains("log forward/output"), "{notes:?}");
     }
 
     #[test]
