@@ -229,7 +229,12 @@ pub fn gather(state: &State) -> NetView {
     });
     with_shared(|s| {
         s.interest = Interest {
-            backends: needs.neigh.iter().map(|(_, ip, _)| *ip).collect(),
+            backends: needs
+                .neigh
+                .iter()
+                .map(|(_, ip, _)| *ip)
+                .chain(needs.route.iter().copied())
+                .collect(),
             vips: needs.vips.clone(),
         };
         s.unresolved = unresolved;
@@ -342,6 +347,8 @@ fn gather_into(needs: &Needs, view: &mut NetView) -> io::Result<()> {
     let deadline = Instant::now() + RESOLVE_WAIT;
     while !waiting.is_empty() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
+        // A dumped table (old kernels) is a snapshot: take a new one.
+        table = None;
         let mut still = Vec::new();
         for (index, key) in waiting {
             match read_neigh(&mut nl, &mut table, index, key.1)? {
