@@ -461,3 +461,31 @@ fn dsr_persistence_and_static_sessions() {
     assert_eq!(counts(&n), expect_counts(&[(first.as_str(), 8)]));
     assert_no_fallback(&d);
 }
+
+#[test]
+fn dsr_weights_and_source_hash() {
+    let lab = FlatLab::new(2);
+    lab.add_lb_vip(VIP);
+    lab.backends_own(VIP);
+    lab.serve_tcp(80);
+    let d = Daemon::start(&lab.lb);
+    let backends = vec![
+        with(bck("be1", &lab.be(1).ip4), &[("weight", "1")]),
+        with(bck("be2", &lab.be(2).ip4), &[("weight", "3")]),
+    ];
+    let mut doc = dsr("web", VIP, "80", "tcp", backends);
+    doc["farms"][0]["scheduler"] = json!("weight");
+    d.apply(&doc);
+    let c = counts(&names(&lab.tcp_many(VIP, 80, 64)));
+    let (b1, b2) = (
+        c.get("be1").copied().unwrap_or(0),
+        c.get("be2").copied().unwrap_or(0),
+    );
+    assert!(b1 > 0 && b2 > 2 * b1, "weights 1:3 -> {c:?}");
+
+    // hash on the source address: one client, one backend.
+    d.apply(&json!({"farms":[{"name":"web","scheduler":"hash","sched-param":"srcip"}]}));
+    let c = counts(&names(&lab.tcp_many(VIP, 80, 16)));
+    assert_eq!(c.len(), 1, "{c:?}");
+    assert_no_fallback(&d);
+}
