@@ -781,6 +781,8 @@ fn apply_backend(farm: &mut Farm, v: &Value, fctx: &str, cfg: &ParseConfig) -> D
                 }
             }
             "fqdn" => b.fqdn = field(val, key, &ctx, |s| Ok(s.to_string()))?,
+            // Read-only (GET shows why an ingress backend cannot be used).
+            "config-error" => {}
             _ => return Err(unknown_key(key, &ctx)),
         }
     }

@@ -109,6 +109,10 @@ pub struct Engine {
     fallbacks: u64,
     fragments: Fragments,
     caps: Option<Capabilities>,
+    /// The network facts of the last render (for GET: unresolvable ingress backends).
+    net: netinfo::NetView,
+    /// The notes of the last render, to log only what changes.
+    last_notes: Vec<(String, String)>,
 }
 
 /// Serialised state-file pieces of the current state, so that saving after a change
@@ -133,6 +137,8 @@ impl Engine {
             fallbacks: 0,
             fragments: Fragments::default(),
             caps: None,
+            net: netinfo::NetView::default(),
+            last_notes: Vec::new(),
         }
     }
 
@@ -197,6 +203,8 @@ impl Engine {
         for (_, n) in &notes {
             tracing::warn!("{n}");
         }
+        self.net = net;
+        self.last_notes = notes;
         self.resync_kernel(&rs)?;
         if use_store && config.is_some() {
             if let Some(store) = &self.store {
@@ -287,12 +295,16 @@ impl Engine {
             .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
         let net = netinfo::gather(&next);
         let (rs, render_notes) = render(&next, &slots, &net, &self.render_cfg());
-        // Report only on farms this request changed.
+        // Log what is new (the network can change what can be served), and report to the
+        // client only on farms this request changed.
+        for (_, n) in render_notes.iter().filter(|n| !self.last_notes.contains(n)) {
+            tracing::warn!("{n}");
+        }
         notes.extend(
             render_notes
-                .into_iter()
+                .iter()
                 .filter(|(farm, _)| self.state.farms.get(farm) != next.farms.get(farm))
-                .map(|(_, n)| n),
+                .map(|(_, n)| n.clone()),
         );
         let t1 = Instant::now();
         let mut tx = plan(&self.ruleset, &rs);
@@ -318,7 +330,8 @@ impl Engine {
         }
         let t3 = Instant::now();
         let mut new_fragments = None;
-        if let Some(store) = &self.store {
+        let unchanged = next == self.state && slots == self.slots;
+        if let (Some(store), false) = (&self.store, unchanged) {
             let (text, fragments) = saved_text(&self.state, &self.fragments, &next, &slots);
             new_fragments = Some(fragments);
             if let Err(e) = store.save_bytes(text.as_bytes()) {
@@ -343,6 +356,8 @@ impl Engine {
         self.state = next;
         self.slots = slots;
         self.ruleset = rs;
+        self.net = net;
+        self.last_notes = render_notes;
         if let Some(f) = new_fragments {
             self.fragments = f;
         }
@@ -490,9 +505,24 @@ impl Engine {
         v
     }
 
-    /// A farm's GET object with each attached policy's per-farm counter.
+    /// A farm's GET object with each attached policy's per-farm counter, and ingress
+    /// backends that cannot be reached shown as `config_error` with the reason.
     fn farm_with_counters(&mut self, st: &State, f: &Farm) -> Value {
         let mut v = document::farm_json(st, f, View::Client);
+        let errors = crate::render::netdev::backend_errors(st, f, &self.net);
+        if !errors.is_empty() {
+            if let Some(list) = v.get_mut("backends").and_then(Value::as_array_mut) {
+                for b in list {
+                    let name = b.get("name").and_then(Value::as_str).unwrap_or("");
+                    if let Some((_, why)) = errors.iter().find(|(n, _)| n == name) {
+                        if let Some(o) = b.as_object_mut() {
+                            o.insert("state".into(), Value::String("config_error".into()));
+                            o.insert("config-error".into(), Value::String(why.clone()));
+                        }
+                    }
+                }
+            }
+        }
         if f.policies.is_empty() {
             return v;
         }

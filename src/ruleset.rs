@@ -219,18 +219,26 @@ pub fn plan(old: &Ruleset, new: &Ruleset) -> Transaction {
             continue;
         }
         let nt = nt.unwrap_or(&empty);
-        for (name, ch) in &ot.chains {
-            if !nt.chains.contains_key(name) {
-                if !ch.rules.is_empty() {
-                    c.push(format!("flush chain {} {TABLE} {name}", fam.as_str()));
-                }
-                c.push(format!("delete chain {} {TABLE} {name}", fam.as_str()));
+        // Removed objects: first empty the removed chains (dropping their references to
+        // maps and other chains), then delete removed maps (a verdict map may point at a
+        // removed chain), then the chains themselves.
+        let gone: Vec<(&String, &Chain)> = ot
+            .chains
+            .iter()
+            .filter(|(name, _)| !nt.chains.contains_key(*name))
+            .collect();
+        for (name, ch) in &gone {
+            if !ch.rules.is_empty() {
+                c.push(format!("flush chain {} {TABLE} {name}", fam.as_str()));
             }
         }
         for (name, m) in &ot.maps {
             if !nt.maps.contains_key(name) {
                 c.push(format!("delete {} {} {TABLE} {name}", m.kind, fam.as_str()));
             }
+        }
+        for (name, _) in &gone {
+            c.push(format!("delete chain {} {TABLE} {name}", fam.as_str()));
         }
     }
     tx

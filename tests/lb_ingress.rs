@@ -206,6 +206,33 @@ fn dsr_unresolvable_backend_is_reported_and_skipped() {
     assert!(!msg.contains("'be1'") && !msg.contains("'be2'"), "{body}");
     let r = lab.tcp_many(VIP, 80, 24);
     assert_balanced(&r, FLAT_CLI4);
+    // GET shows the unusable backend as config_error, with the reason.
+    let f = d.farm("web");
+    let ghost = f["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "ghost")
+        .cloned()
+        .unwrap();
+    assert_eq!(ghost["state"], "config_error", "{f}");
+    assert!(
+        ghost["config-error"]
+            .as_str()
+            .is_some_and(|r| r.contains("MAC")),
+        "{f}"
+    );
+    let be1 = f["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "be1")
+        .cloned()
+        .unwrap();
+    assert_eq!(be1["state"], "up", "{f}");
+    // The GET document can be posted back unchanged.
+    let back = d.apply(&json!({"farms":[f]}));
+    assert!(response(&back).starts_with("success"), "{back}");
 
     // Input logging (every packet: there is no connection state), rate-limited.
     let body = d.apply(&json!({"farms":[{"name":"web","log":"input","log-rtlimit":"10/second"}]}));
