@@ -374,6 +374,43 @@ impl Engine {
             return Vec::new();
         }
         let mut out = Vec::new();
+        if matches!(farm.mode, Mode::Dsr | Mode::Stlsdnat) {
+            // Ingress farms learn the backend's MAC (dsr) or address (stlsdnat).
+            for v6 in [false, true] {
+                let (ps, _) = crate::render::netdev::session_maps(farm, v6);
+                let Ok(v) = self
+                    .kernel
+                    .list_json(&format!("list map netdev {TABLE} {ps}"))
+                else {
+                    continue;
+                };
+                for (client, value, expires) in parse_map_elements(&v) {
+                    let text = value.as_str().unwrap_or_default().to_string();
+                    let backend = farm
+                        .backends
+                        .iter()
+                        .find(|b| {
+                            let by_ip = b.ip_addr.is_some_and(|ip| ip.to_string() == text);
+                            let by_mac = b.ether_addr.is_some_and(|m| m.to_string() == text)
+                                || self.net.neighbours.iter().any(|((_, ip), n)| {
+                                    Some(*ip) == b.ip_addr
+                                        && matches!(n, netinfo::Neigh::Known(m) if m.to_string() == text)
+                                });
+                            by_ip || by_mac
+                        })
+                        .map(|b| b.name.clone());
+                    out.push(DynSession {
+                        fam: TableFamily::Netdev,
+                        map: ps.clone(),
+                        client,
+                        mark: 0,
+                        backend,
+                        expires,
+                    });
+                }
+            }
+            return out;
+        }
         for fam in TableFamily::ALL {
             let (ps, _) = session_maps(farm, slot, fam, &cfg);
             let base = id_base(farm, slot, fam, &cfg);
@@ -383,7 +420,10 @@ impl Engine {
             else {
                 continue;
             };
-            for (client, mark, expires) in parse_map_elements(&v) {
+            for (client, value, expires) in parse_map_elements(&v) {
+                let Some(mark) = value.as_u64().map(|m| m as u32) else {
+                    continue;
+                };
                 let backend = slot
                     .ids
                     .iter()
@@ -472,20 +512,25 @@ impl Engine {
         // One set per prefix length; their keys are the masked networks.
         let mut counters = HashMap::new();
         let full = if fam == TableFamily::Ip6 { 128 } else { 32 };
-        for (len, set) in crate::render::filter::policy_sets(p) {
-            let Ok(listing) = self
-                .kernel
-                .list_json(&format!("list set {} {TABLE} {set}", fam.as_str()))
-            else {
-                continue;
-            };
-            for (addr, c) in parse_set_counters(&listing) {
-                let data = if len == full {
-                    addr
-                } else {
-                    format!("{addr}/{len}")
+        // NAT farms match in the family's table, ingress farms in the netdev table.
+        for table in [fam, TableFamily::Netdev] {
+            for (len, set) in crate::render::filter::policy_sets(p) {
+                let Ok(listing) = self
+                    .kernel
+                    .list_json(&format!("list set {} {TABLE} {set}", table.as_str()))
+                else {
+                    continue;
                 };
-                counters.insert(data, c);
+                for (addr, (pk, by)) in parse_set_counters(&listing) {
+                    let data = if len == full {
+                        addr
+                    } else {
+                        format!("{addr}/{len}")
+                    };
+                    let e = counters.entry(data).or_insert((0, 0));
+                    e.0 += pk;
+                    e.1 += by;
+                }
             }
         }
         if let Some(elems) = v.get_mut("elements").and_then(Value::as_array_mut) {
@@ -531,8 +576,9 @@ impl Engine {
                 let Some(pname) = r.get("name").and_then(Value::as_str).map(str::to_string) else {
                     continue;
                 };
-                let fam = match st.policies.get(&pname).map(|p| p.family) {
-                    Some(Family::Ipv6) => TableFamily::Ip6,
+                let fam = match (f.mode, st.policies.get(&pname).map(|p| p.family)) {
+                    (Mode::Dsr | Mode::Stlsdnat, _) => TableFamily::Netdev,
+                    (_, Some(Family::Ipv6)) => TableFamily::Ip6,
                     _ => TableFamily::Ip,
                 };
                 let counter = crate::render::filter::policy_counter(&pname, &f.name);
@@ -1055,8 +1101,9 @@ fn parse_set_counters(v: &Value) -> HashMap<String, (u64, u64)> {
     out
 }
 
-/// The elements of a map listed as nft JSON: (key text, mark value, seconds left).
-fn parse_map_elements(v: &Value) -> Vec<(String, u32, Option<u64>)> {
+/// The elements of a map listed as nft JSON: (key text, value, seconds left). A mark
+/// value comes as a number, an address as text.
+fn parse_map_elements(v: &Value) -> Vec<(String, Value, Option<u64>)> {
     fn part(v: &Value) -> String {
         match v {
             Value::String(s) => s.clone(),
@@ -1072,7 +1119,7 @@ fn parse_map_elements(v: &Value) -> Vec<(String, u32, Option<u64>)> {
             continue;
         };
         for e in elems {
-            let (Some(k), Some(val)) = (e.get(0), e.get(1).and_then(Value::as_u64)) else {
+            let (Some(k), Some(val)) = (e.get(0), e.get(1)) else {
                 continue;
             };
             let inner = k.get("elem").unwrap_or(k);
@@ -1082,7 +1129,7 @@ fn parse_map_elements(v: &Value) -> Vec<(String, u32, Option<u64>)> {
                 None => part(key),
             };
             let expires = inner.get("expires").and_then(Value::as_u64);
-            out.push((client, val as u32, expires));
+            out.push((client, val.clone(), expires));
         }
     }
     out

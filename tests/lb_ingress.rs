@@ -457,6 +457,24 @@ fn dsr_persistence_and_static_sessions() {
     let n = names(&lab.tcp_many(VIP, 80, 16));
     assert_eq!(counts(&n).len(), 1, "persistence: one backend: {n:?}");
     let first = n[0].clone();
+    // The learnt session is listed with its backend and expiry, and can be deleted.
+    let (st, sessions) = d.get("/farms/web/sessions");
+    assert_eq!(st, 200);
+    let dynamic: Vec<&Value> = sessions["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x.get("expiration").is_some())
+        .collect();
+    assert_eq!(dynamic.len(), 1, "{sessions}");
+    assert_eq!(dynamic[0]["client"], FLAT_CLI4, "{sessions}");
+    assert_eq!(dynamic[0]["backend"], first.as_str(), "{sessions}");
+    d.delete_ok(&format!("/farms/web/sessions/{FLAT_CLI4}"));
+    let (_, sessions) = d.get("/farms/web/sessions");
+    assert_eq!(sessions["sessions"], json!([]), "{sessions}");
+    let n = names(&lab.tcp_many(VIP, 80, 4));
+    assert_eq!(counts(&n).len(), 1, "persistence learns again: {n:?}");
+    let first = n[0].clone();
     let other = if first == "be1" { "be2" } else { "be1" };
 
     // A static session pins the client to the other backend.
@@ -514,5 +532,50 @@ fn dsr_weights_and_source_hash() {
     d.apply(&json!({"farms":[{"name":"web","scheduler":"hash","sched-param":"srcip"}]}));
     let c = counts(&names(&lab.tcp_many(VIP, 80, 16)));
     assert_eq!(c.len(), 1, "{c:?}");
+    assert_no_fallback(&d);
+}
+
+#[test]
+fn dsr_blacklist_drops_at_ingress_and_counts() {
+    let lab = FlatLab::new(2);
+    lab.add_lb_vip(VIP);
+    lab.backends_own(VIP);
+    lab.serve_tcp(80);
+    let d = Daemon::start(&lab.lb);
+    d.apply(&json!({"policies":[{"name":"bl","type":"blacklist",
+        "elements":[{"data":"198.18.0.0/30"},{"data":"198.18.7.7"}]}]}));
+    let mut doc = dsr("web", VIP, "80", "tcp", flat_backends(&lab));
+    doc["farms"][0]["policies"] = json!([{"name":"bl"}]);
+    let body = d.apply(&doc);
+    assert!(
+        !response(&body).contains("policies"),
+        "enforced, no note: {body}"
+    );
+    // The client (198.18.0.2) is inside the blacklisted network.
+    let r = lab.tcp_many(VIP, 80, 3);
+    assert!(
+        r.iter().all(|x| x.is_err()),
+        "blacklisted client served: {r:?}"
+    );
+    let (_, p) = d.get("/policies/bl");
+    let el = p["policies"][0]["elements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["data"] == "198.18.0.0/30")
+        .cloned()
+        .unwrap();
+    let pk: u64 = el["counter-packets"].as_str().unwrap().parse().unwrap();
+    assert!(pk >= 3, "element counter: {p}");
+    let f = d.farm("web");
+    let fp: u64 = f["policies"][0]["counter-packets"]
+        .as_str()
+        .unwrap_or("0")
+        .parse()
+        .unwrap();
+    assert!(fp >= 3, "farm counter: {f}");
+    // Remove the network: served again.
+    d.delete_ok("/policies/bl/elements/198.18.0.0/30");
+    assert_balanced(&lab.tcp_many(VIP, 80, 8), FLAT_CLI4);
     assert_no_fallback(&d);
 }

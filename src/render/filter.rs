@@ -182,24 +182,55 @@ pub fn base(t: &mut Table, fam: TableFamily) {
 /// sets were the first choice, but with 1,000,000 elements a single added element took
 /// minutes: nft lists the whole set to merge intervals.)
 pub fn policies(state: &State, fam: TableFamily, t: &mut Table) {
-    let at = addr_type(fam);
     for p in state.policies.values() {
         let matches = match p.family {
             Family::Ipv6 => fam == TableFamily::Ip6,
             _ => fam == TableFamily::Ip,
         };
-        if !matches {
-            continue;
-        }
-        for d in p.elements.keys() {
-            let (len, net) = element_prefix(d);
-            t.maps
-                .entry(policy_set(&p.name, len))
-                .or_insert_with(|| set(format!("type {at}; counter;")))
-                .elements
-                .insert(net, String::new());
+        if matches {
+            declare_policy(p, t);
         }
     }
+}
+
+/// Declares one policy's prefix-length sets in `t` (of the policy's family).
+fn declare_policy(p: &Policy, t: &mut Table) {
+    let at = match p.family {
+        Family::Ipv6 => "ipv6_addr",
+        _ => "ipv4_addr",
+    };
+    for d in p.elements.keys() {
+        let (len, net) = element_prefix(d);
+        t.maps
+            .entry(policy_set(&p.name, len))
+            .or_insert_with(|| set(format!("type {at}; counter;")))
+            .elements
+            .insert(net, String::new());
+    }
+}
+
+/// The policies of an ingress (`dsr`, `stlsdnat`) farm, for its netdev chain: declares
+/// the attached policies' sets, the farm's counters and the `fpol-FARM` chain in `t`, and
+/// returns the rule that runs it (nothing if no policy is attached).
+pub fn ingress_policies(state: &State, f: &Farm, t: &mut Table) -> Option<String> {
+    for name in &f.policies {
+        if let Some(p) = state.policies.get(name) {
+            declare_policy(p, t);
+        }
+    }
+    policy_rules(
+        state,
+        &[TableFamily::Ip, TableFamily::Ip6],
+        t,
+        "",
+        &f.name,
+        &f.policies,
+        f.verdict,
+        f.log_rtlimit,
+        &f.name,
+        "",
+    )
+    .pop()
 }
 
 /// What a rule does once its match fired, per the owner's `verdict` flags: log (rate
@@ -248,7 +279,7 @@ fn action(
 #[allow(clippy::too_many_arguments)]
 fn policy_rules(
     state: &State,
-    fam: TableFamily,
+    families: &[TableFamily],
     t: &mut Table,
     chain: &str,
     owner: &str,
@@ -260,16 +291,18 @@ fn policy_rules(
 ) -> Vec<String> {
     let pol_chain = format!("fpol-{owner}");
     let mut rules = Vec::new();
-    let mut first_whitelist: Option<String> = None;
+    // The netdev table sees both families: its rules name the one they are for.
+    let mixed = families.len() > 1;
+    let mut first_whitelist: BTreeMap<TableFamily, String> = BTreeMap::new();
     for pname in names {
         let Some(p) = state.policies.get(pname) else {
             continue;
         };
-        let fits = match p.family {
-            Family::Ipv6 => fam == TableFamily::Ip6,
-            _ => fam == TableFamily::Ip,
+        let fam = match p.family {
+            Family::Ipv6 => TableFamily::Ip6,
+            _ => TableFamily::Ip,
         };
-        if !fits {
+        if !families.contains(&fam) {
             continue;
         }
         let ty = match p.ptype {
@@ -319,16 +352,18 @@ fn policy_rules(
                         source_in(fam, *len, set)
                     ));
                 }
-                if first_whitelist.is_none() {
-                    first_whitelist = Some(prefix);
-                }
+                first_whitelist.entry(fam).or_insert(prefix);
             }
         }
     }
-    if let Some(prefix) = first_whitelist {
-        // Whitelists are attached and none matched.
+    for (fam, prefix) in first_whitelist {
+        // Whitelists of this family are attached and none matched.
         let act = action(t, &pol_chain, "WL", verdict, true, &prefix, log_rate);
-        rules.push(act);
+        if mixed {
+            rules.push(format!("meta protocol {} {act}", ip_kw(fam)));
+        } else {
+            rules.push(act);
+        }
     }
     let _ = chain;
     if rules.is_empty() {
@@ -377,7 +412,7 @@ pub fn farm(state: &State, f: &Farm, fam: TableFamily, t: &mut Table) -> Option<
     let chain = format!("ffarm-{}", f.name);
     let mut rules = policy_rules(
         state,
-        fam,
+        &[fam],
         t,
         &chain,
         &f.name,
@@ -530,7 +565,7 @@ pub fn address_entries(
         let chain = format!("faddr-{}", a.name);
         let mut rules = policy_rules(
             state,
-            fam,
+            &[fam],
             t,
             &chain,
             &a.name,

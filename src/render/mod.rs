@@ -862,6 +862,20 @@ mod tests {
     }
 
     #[test]
+    fn queue_renders_where_the_kernel_has_nfqueue() {
+        // The engine refuses `queue` on kernels without nfqueue (a dry-run probe); the
+        // rendering itself is the original's rule.
+        let st = state(json!({"farms":[{"name":"q","virtual-addr":"198.18.0.1",
+            "virtual-ports":"25","queue":"3","backends":[{"name":"a","ip-addr":"198.18.1.1"}]}]}));
+        let t = text(&st);
+        assert!(
+            t.contains("add rule ip nftlb ffarm-q tcp flags syn queue num 3 bypass"),
+            "{t}"
+        );
+        assert!(t.contains("tcp . 198.18.0.1 . 25 : goto ffarm-q"), "{t}");
+    }
+
+    #[test]
     fn down_farm_and_unserved_modes_render_nothing() {
         let st = state(json!({"farms":[
             {"name":"x","virtual-addr":"198.18.0.1","virtual-ports":"80","state":"down",

@@ -542,7 +542,7 @@ struct Parts {
 /// Settings of a farm that ingress farms do not enforce.
 fn unserved_keys(f: &Farm) -> Vec<&'static str> {
     let d = Farm::new(String::new());
-    let checks: [(&'static str, bool); 10] = [
+    let checks: [(&'static str, bool); 9] = [
         (
             "log forward/output",
             f.log.has("forward") || f.log.has("output"),
@@ -555,7 +555,6 @@ fn unserved_keys(f: &Farm) -> Vec<&'static str> {
         ("queue", f.queue != d.queue),
         ("flow-offload", f.flow_offload),
         ("intra-connect", f.intra_connect),
-        ("policies", !f.policies.is_empty()),
     ];
     checks
         .iter()
@@ -746,7 +745,19 @@ fn farm_parts(state: &State, farm: &Farm, net: &NetView, notes: &mut Vec<Note>) 
         _ => stlsdnat(farm, &entries, &targets),
     };
     match parts {
-        Ok(p) => Some(p),
+        Ok(mut p) => {
+            // Policies come first in the farm's chain, as at nftlb's ingress.
+            let mut scratch = Table::default();
+            if let Some(rule) = crate::render::filter::ingress_policies(state, farm, &mut scratch) {
+                let chain = farm_chain(&farm.name);
+                if let Some((_, c)) = p.chains.iter_mut().find(|(n, _)| *n == chain) {
+                    c.rules.insert(0, rule);
+                }
+                p.maps.extend(scratch.maps);
+                p.chains.extend(scratch.chains);
+            }
+            Some(p)
+        }
         Err(e) => {
             note(
                 notes,
