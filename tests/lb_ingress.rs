@@ -235,9 +235,12 @@ fn dsr_unresolvable_backend_is_reported_and_skipped() {
     assert!(response(&back).starts_with("success"), "{back}");
 
     // Input logging (every packet: there is no connection state), rate-limited.
-    let body = d.apply(&json!({"farms":[{"name":"web","log":"input","log-rtlimit":"10/second"}]}));
+    let body =
+        d.apply(&json!({"farms":[{"name":"web","log":"input output","log-rtlimit":"10/second"}]}));
     assert!(response(&body).starts_with("success"), "{body}");
+    assert!(!response(&body).contains("not enforced"), "{body}");
     assert!(ruleset(&lab.lb).contains("limit rate 10/second log prefix \"IN-web \""));
+    assert!(ruleset(&lab.lb).contains("limit rate 10/second log prefix \"OUT-web \""));
     assert_balanced(&lab.tcp_many(VIP, 80, 16), FLAT_CLI4);
     assert_no_fallback(&d);
 }

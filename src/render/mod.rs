@@ -568,9 +568,10 @@ fn render_local(state: &State, farm: &Farm, fam: TableFamily, t: &mut Table) {
 /// The keys of a farm set to something this version does not turn into rules yet.
 fn unserved_keys(f: &Farm) -> Vec<&'static str> {
     let mut out = Vec::new();
+    let no_devices = f.flow_offload && f.oface.is_none();
     let checks: [(&'static str, bool); 2] = [
         ("log output", f.log.has("output")),
-        ("flow-offload", f.flow_offload),
+        ("flow-offload (it needs 'iface' and 'oface')", no_devices),
     ];
     for (k, set) in checks {
         if set {
@@ -751,6 +752,37 @@ fn render_farm(
         rules.push("drop".to_string());
     }
     t.chains.insert(chain_name, Chain { base: None, rules });
+    if farm.flow_offload {
+        // Only reached where the kernel has flowtables (the engine refuses otherwise).
+        let mut devices: Vec<String> = state
+            .farm_addresses(farm)
+            .filter_map(|a| a.iface.clone())
+            .collect();
+        devices.extend(farm.oface.clone());
+        devices.sort();
+        devices.dedup();
+        if !devices.is_empty() {
+            let ft = format!("ft-{}", farm.name);
+            t.maps.insert(
+                ft.clone(),
+                MapDef {
+                    kind: "flowtable",
+                    spec: format!(
+                        "hook ingress priority 0; devices = {{ {} }};",
+                        devices.join(", ")
+                    ),
+                    elements: BTreeMap::new(),
+                    dynamic: true,
+                },
+            );
+            let fwd = t.chains.get_mut("forward").expect("base chain");
+            fwd.rules.push(format!(
+                "meta l4proto {{ tcp, udp }} ct mark {}-{} flow add @{ft}",
+                mark(base),
+                mark(base + slot.size - 1)
+            ));
+        }
+    }
     if farm.log.has("forward") {
         let template = farm
             .log_prefix
@@ -859,6 +891,24 @@ mod tests {
                 "backends":[{"name":"a","ip-addr":"198.18.1.11","est-connlimit":"100"},
                             {"name":"b","ip-addr":"198.18.1.12"}]}]}));
         insta::assert_snapshot!(text(&st));
+    }
+
+    #[test]
+    fn flow_offload_renders_a_flowtable_where_the_kernel_has_one() {
+        let st = state(
+            json!({"farms":[{"name":"f","virtual-addr":"198.18.0.1","iface":"eth0",
+            "oface":"eth1","virtual-ports":"80","flow-offload":"on",
+            "backends":[{"name":"a","ip-addr":"198.18.1.1"}]}]}),
+        );
+        let t = text(&st);
+        assert!(
+            t.contains("add flowtable ip nftlb ft-f { hook ingress priority 0; devices = { eth0, eth1 }; }"),
+            "{t}"
+        );
+        assert!(
+            t.contains("add rule ip nftlb forward meta l4proto { tcp, udp } ct mark 0x80000010-0x8000001f flow add @ft-f"),
+            "{t}"
+        );
     }
 
     #[test]

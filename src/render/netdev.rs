@@ -543,10 +543,7 @@ struct Parts {
 fn unserved_keys(f: &Farm) -> Vec<&'static str> {
     let d = Farm::new(String::new());
     let checks: [(&'static str, bool); 9] = [
-        (
-            "log forward/output",
-            f.log.has("forward") || f.log.has("output"),
-        ),
+        ("log forward", f.log.has("forward")),
         ("mark", f.mark != d.mark),
         ("new-rtlimit", f.new_rtlimit.count != 0),
         ("rst-rtlimit", f.rst_rtlimit.count != 0),
@@ -918,10 +915,18 @@ fn pick_rules(
     rules
 }
 
-/// `log input`: every packet that reaches the farm (there is no connection state to
-/// log new flows only; `log-rtlimit` limits the rate).
+/// `log input` and `log output`: every packet that reaches the farm, and every packet
+/// about to be forwarded to a backend (there is no connection state to log new flows
+/// only; `log-rtlimit` limits the rate). Both happen in the farm's chain, before the
+/// forwarding rules, as in nftlb.
 fn input_log(farm: &Farm) -> Vec<String> {
-    if !farm.log.has("input") {
+    let mut out = one_log(farm, "input", "IN");
+    out.extend(one_log(farm, "output", "OUT"));
+    out
+}
+
+fn one_log(farm: &Farm, which: &str, ty: &str) -> Vec<String> {
+    if !farm.log.has(which) {
         return Vec::new();
     }
     let template = farm
@@ -932,7 +937,7 @@ fn input_log(farm: &Farm) -> Vec<String> {
         &template,
         &Tokens {
             kname: "log",
-            ty: "IN",
+            ty,
             fname: &farm.name,
             ..Default::default()
         },
@@ -1476,8 +1481,15 @@ mod tests {
             "{text}"
         );
         let st = state(dsr_farm(json!({"log":"output"})));
+        let (text, notes) = render_text(&st, &net());
+        assert!(notes.is_empty(), "{notes:?}");
+        assert!(
+            text.contains("add rule netdev nftlb lb-d log prefix \"OUT-d \""),
+            "{text}"
+        );
+        let st = state(dsr_farm(json!({"log":"forward"})));
         let (_, notes) = render_text(&st, &net());
-        assert!(notes[0].contains("log forward/output"), "{notes:?}");
+        assert!(notes[0].contains("log forward"), "{notes:?}");
     }
 
     #[test]
