@@ -113,6 +113,11 @@ pub struct Engine {
     net: netinfo::NetView,
     /// The notes of the last render, to log only what changes.
     last_notes: Vec<(String, String)>,
+    /// Sequence number of the last saved change (snapshot or journal entry).
+    seq: u64,
+    /// Bytes in the journal since the last snapshot, and the snapshot's size.
+    journal_bytes: usize,
+    snapshot_bytes: usize,
 }
 
 /// Serialised state-file pieces of the current state, so that saving after a change
@@ -139,6 +144,9 @@ impl Engine {
             caps: None,
             net: netinfo::NetView::default(),
             last_notes: Vec::new(),
+            seq: 0,
+            journal_bytes: 0,
+            snapshot_bytes: 0,
         }
     }
 
@@ -181,10 +189,30 @@ impl Engine {
         if use_store {
             if let Some(store) = &self.store {
                 if let Some(saved) = store.load()? {
+                    let seq = saved.get("seq").and_then(Value::as_u64).unwrap_or(0);
                     let (doc, saved_slots) = split_saved(saved);
                     document::apply_document(&mut st, &doc, &ApplyMode::Upsert, &pcfg)
                         .map_err(|e| format!("state file {}: {e}", store.path().display()))?;
                     slots = saved_slots;
+                    self.seq = seq;
+                    self.snapshot_bytes = std::fs::metadata(store.path())
+                        .map(|m| m.len() as usize)
+                        .unwrap_or(0);
+                }
+                let journal = store.load_journal()?;
+                for entry in journal {
+                    let seq = entry.get("seq").and_then(Value::as_u64).unwrap_or(0);
+                    if seq <= self.seq {
+                        continue;
+                    }
+                    replay(&mut st, &mut slots, &entry, &pcfg).map_err(|e| {
+                        format!(
+                            "journal {} entry {seq}: {e}",
+                            store.journal_path().display()
+                        )
+                    })?;
+                    self.seq = seq;
+                    self.journal_bytes += entry.to_string().len();
                 }
             }
         }
@@ -208,7 +236,11 @@ impl Engine {
         self.resync_kernel(&rs)?;
         if use_store && config.is_some() {
             if let Some(store) = &self.store {
-                store.save(&saved_form(&st, &slots))?;
+                self.seq += 1;
+                let mut form = saved_form(&st, &slots);
+                form["seq"] = Value::from(self.seq);
+                store.save(&form)?;
+                self.journal_bytes = 0;
             }
         }
         tracing::info!(
@@ -332,9 +364,52 @@ impl Engine {
         let mut new_fragments = None;
         let unchanged = next == self.state && slots == self.slots;
         if let (Some(store), false) = (&self.store, unchanged) {
-            let (text, fragments) = saved_text(&self.state, &self.fragments, &next, &slots);
-            new_fragments = Some(fragments);
-            if let Err(e) = store.save_bytes(text.as_bytes()) {
+            let seq = self.seq + 1;
+            // A journal entry with just the changed objects, unless the journal has grown
+            // past the snapshot (then a new snapshot) or the change reorders objects.
+            let entry = journal_entry(&self.state, &next, &self.slots, &slots, seq).filter(|e| {
+                self.snapshot_bytes > 0
+                    && self.journal_bytes + e.len() <= self.snapshot_bytes.max(1 << 20)
+            });
+            let saved = match &entry {
+                Some(e) => store.append(e.as_bytes()).map(|_| e.len()),
+                None => {
+                    let (text, fragments) =
+                        saved_text(&self.state, &self.fragments, &next, &slots, seq);
+                    new_fragments = Some(fragments);
+                    store.save_bytes(text.as_bytes()).map(|_| {
+                        self.snapshot_bytes = text.len();
+                        0
+                    })
+                }
+            };
+            match &saved {
+                Ok(n) if entry.is_some() => {
+                    self.journal_bytes += n;
+                    // Cached snapshot pieces of objects this change touched are stale now.
+                    for (name, obj) in &next.farms {
+                        if self.state.farms.get(name) != Some(obj) {
+                            self.fragments.farms.remove(name);
+                        }
+                    }
+                    for (name, obj) in &next.policies {
+                        if self.state.policies.get(name) != Some(obj) {
+                            self.fragments.policies.remove(name);
+                        }
+                    }
+                    for (name, obj) in &next.addresses {
+                        if self.state.addresses.get(name) != Some(obj) {
+                            self.fragments.addresses.remove(name);
+                        }
+                    }
+                }
+                Ok(_) => self.journal_bytes = 0,
+                Err(_) => {}
+            }
+            if saved.is_ok() {
+                self.seq = seq;
+            }
+            if let Err(e) = saved {
                 // Undo the kernel change so that memory, kernel and file agree.
                 let undo = plan(&rs, &self.ruleset);
                 if let Err(ke) = self.kernel.apply(&undo.to_text()) {
@@ -969,7 +1044,13 @@ fn saved_form(state: &State, slots: &Slots) -> Value {
 
 /// The state file's text for `next`, reusing the serialised form of every object that
 /// is unchanged since `old`. Same content as [`saved_form`].
-fn saved_text(old: &State, frags: &Fragments, next: &State, slots: &Slots) -> (String, Fragments) {
+fn saved_text(
+    old: &State,
+    frags: &Fragments,
+    next: &State,
+    slots: &Slots,
+    seq: u64,
+) -> (String, Fragments) {
     fn section<T: PartialEq>(
         out: &mut String,
         key: &str,
@@ -1028,8 +1109,170 @@ fn saved_text(old: &State, frags: &Fragments, next: &State, slots: &Slots) -> (S
     );
     out.push_str("},\"slots\":");
     out.push_str(&serde_json::to_string(slots).expect("slots serialise"));
-    out.push_str("}\n");
+    out.push_str(&format!(",\"seq\":{seq}}}\n"));
     (out, f)
+}
+
+/// A journal entry for the change from `old` to `next`: the objects that changed (whole)
+/// and the names that went, with their mark blocks. `None` when the change is not a
+/// sequence of in-place replacements, removals and appends (a rename): that needs a
+/// snapshot.
+fn journal_entry(
+    old: &State,
+    next: &State,
+    old_slots: &Slots,
+    slots: &Slots,
+    seq: u64,
+) -> Option<String> {
+    fn section<T: PartialEq>(
+        old: &indexmap::IndexMap<String, T>,
+        next: &indexmap::IndexMap<String, T>,
+        json: impl Fn(&T) -> Value,
+    ) -> Option<(Vec<Value>, Vec<String>, Vec<String>)> {
+        // Kept names must keep their order, and new names come after all of them.
+        let mut seen_new = false;
+        let mut kept = old.keys().filter(|k| next.contains_key(*k));
+        for k in next.keys() {
+            if old.contains_key(k) {
+                if seen_new || kept.next() != Some(k) {
+                    return None;
+                }
+            } else {
+                seen_new = true;
+            }
+        }
+        let mut set = Vec::new();
+        let mut names = Vec::new();
+        for (k, v) in next {
+            if old.get(k) != Some(v) {
+                set.push(json(v));
+                names.push(k.clone());
+            }
+        }
+        let del: Vec<String> = old
+            .keys()
+            .filter(|k| !next.contains_key(*k))
+            .cloned()
+            .collect();
+        Some((set, del, names))
+    }
+    let (pset, pdel, _) = section(&old.policies, &next.policies, |p| {
+        document::policy_json(next, p, View::Store)
+    })?;
+    let (aset, adel, _) = section(&old.addresses, &next.addresses, |a| {
+        document::address_top_json(next, a, View::Store)
+    })?;
+    let (fset, fdel, fnames) = section(&old.farms, &next.farms, |f| {
+        document::farm_json(next, f, View::Store)
+    })?;
+    let mut slot_entries = Map::new();
+    for n in fnames.iter().chain(fdel.iter()) {
+        slot_entries.insert(
+            n.clone(),
+            serde_json::to_value(slots.get(n)).expect("slots serialise"),
+        );
+    }
+    let (free, next_off) = slots.allocator();
+    let _ = old_slots;
+    let entry = serde_json::json!({
+        "seq": seq,
+        "set": {"policies": pset, "addresses": aset, "farms": fset},
+        "del": {"policies": pdel, "addresses": adel, "farms": fdel},
+        "slots": slot_entries,
+        "free": free,
+        "next": next_off,
+    });
+    Some(entry.to_string())
+}
+
+/// Applies one journal entry to a state being loaded.
+fn replay(
+    st: &mut State,
+    slots: &mut Slots,
+    entry: &Value,
+    pcfg: &ParseConfig,
+) -> Result<(), String> {
+    let del = |kind: &str| -> Vec<String> {
+        entry
+            .pointer(&format!("/del/{kind}"))
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for n in del("farms") {
+        st.farms.shift_remove(&n);
+    }
+    for n in del("addresses") {
+        st.addresses.shift_remove(&n);
+    }
+    for n in del("policies") {
+        st.policies.shift_remove(&n);
+    }
+    // Whole objects replace the old ones in place (or append).
+    for kind in ["policies", "addresses", "farms"] {
+        let Some(list) = entry
+            .pointer(&format!("/set/{kind}"))
+            .and_then(Value::as_array)
+        else {
+            continue;
+        };
+        for obj in list {
+            let name = obj
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
+            let idx = match kind {
+                "policies" => st.policies.get_index_of(&name),
+                "addresses" => st.addresses.get_index_of(&name),
+                _ => st.farms.get_index_of(&name),
+            };
+            match kind {
+                "policies" => {
+                    st.policies.shift_remove(&name);
+                }
+                "addresses" => {
+                    st.addresses.shift_remove(&name);
+                }
+                _ => {
+                    st.farms.shift_remove(&name);
+                }
+            }
+            let mut doc = Map::new();
+            doc.insert(kind.into(), Value::Array(vec![obj.clone()]));
+            document::apply_document(st, &Value::Object(doc), &ApplyMode::Upsert, pcfg)
+                .map_err(|e| e.to_string())?;
+            if let Some(i) = idx {
+                let last = match kind {
+                    "policies" => st.policies.len(),
+                    "addresses" => st.addresses.len(),
+                    _ => st.farms.len(),
+                } - 1;
+                match kind {
+                    "policies" => st.policies.move_index(last, i),
+                    "addresses" => st.addresses.move_index(last, i),
+                    _ => st.farms.move_index(last, i),
+                }
+            }
+        }
+    }
+    if let Some(m) = entry.get("slots").and_then(Value::as_object) {
+        for (name, v) in m {
+            let slot = serde_json::from_value(v.clone()).map_err(|e| e.to_string())?;
+            slots.set_entry(name, slot);
+        }
+    }
+    let free = entry
+        .get("free")
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or_default();
+    let next = entry.get("next").and_then(Value::as_u64).unwrap_or(0);
+    slots.set_allocator(free, next);
+    Ok(())
 }
 
 /// Reads the state file: the current form, or a plain document (then slots start afresh).
@@ -1463,6 +1706,109 @@ mod tests {
 }
 
 #[cfg(test)]
+mod journal_tests {
+    use super::*;
+    use crate::kernel::FakeKernel;
+
+    fn engine(dir: &std::path::Path) -> Engine {
+        let mut e = Engine::new(
+            Box::new(FakeKernel::default()),
+            Some(Store::new(dir.join("state.json"))),
+            EngineConfig {
+                masquerade_mark: 0x8000_0000,
+            },
+        );
+        e.start(None, true).unwrap();
+        e
+    }
+
+    fn req(e: &mut Engine, method: &str, path: &str, body: &str) -> u16 {
+        e.handle(&Request {
+            method: method.into(),
+            path: path.into(),
+            body: body.as_bytes().to_vec(),
+        })
+        .status
+    }
+
+    #[test]
+    fn changes_are_journalled_and_replayed_exactly() {
+        let dir = std::env::temp_dir().join(format!("nftlb-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut e = engine(&dir);
+        let steps = [
+            (
+                "POST",
+                "/farms",
+                r#"{"policies":[{"name":"bl","elements":[{"data":"198.18.9.0/24"}]}],
+              "farms":[{"name":"a","virtual-addr":"198.18.0.1","virtual-ports":"80","log-prefix":"x ",
+              "backends":[{"name":"b1","ip-addr":"198.18.1.1"},{"name":"b2","ip-addr":"198.18.1.2"}]},
+              {"name":"b","virtual-ports":"53","protocol":"udp","policies":[{"name":"bl"}]},
+              {"name":"c","virtual-addr":"198.18.0.3","virtual-ports":"80"}]}"#,
+            ),
+            (
+                "POST",
+                "/farms",
+                r#"{"farms":[{"name":"a","backends":[{"name":"b2","state":"down"},
+              {"name":"b3","ip-addr":"198.18.1.3","weight":"3"}]}]}"#,
+            ),
+            ("DELETE", "/farms/a/backends/b1", ""),
+            ("DELETE", "/farms/b", ""),
+            (
+                "POST",
+                "/policies",
+                r#"{"policies":[{"name":"bl","elements":[{"data":"198.18.8.8"}]}]}"#,
+            ),
+            (
+                "PATCH",
+                "/policies/bl/elements",
+                r#"{"policies":[{"name":"bl","elements":[{"data":"198.18.7.7"}]}]}"#,
+            ),
+            (
+                "POST",
+                "/farms",
+                r#"{"farms":[{"name":"d","virtual-addr":"198.18.0.4","virtual-ports":"80"}]}"#,
+            ),
+        ];
+        for (i, (m, p, b)) in steps.iter().enumerate() {
+            let r = e.handle(&Request {
+                method: m.to_string(),
+                path: p.to_string(),
+                body: b.as_bytes().to_vec(),
+            });
+            assert_eq!(r.status, 200, "step {i}: {}", r.body);
+            let fresh = engine(&dir);
+            assert_eq!(fresh.state(), e.state(), "after step {i}");
+            assert_eq!(fresh.slots, e.slots, "after step {i}");
+        }
+        // The first change wrote the snapshot; the others went to the journal.
+        let journal = Store::new(dir.join("state.json")).load_journal().unwrap();
+        assert_eq!(journal.len(), steps.len() - 1);
+        // A rename cannot be journalled in place: a snapshot replaces the journal.
+        assert_eq!(
+            req(
+                &mut e,
+                "POST",
+                "/farms",
+                r#"{"farms":[{"name":"a","newname":"z"}]}"#
+            ),
+            200
+        );
+        assert!(Store::new(dir.join("state.json"))
+            .load_journal()
+            .unwrap()
+            .is_empty());
+        let fresh = engine(&dir);
+        assert_eq!(fresh.state(), e.state());
+        assert_eq!(
+            fresh.state().farms.keys().next().map(String::as_str),
+            Some("z")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
 mod saved_tests {
     use super::*;
     use crate::document::{apply_document, ParseConfig};
@@ -1479,11 +1825,10 @@ mod saved_tests {
         apply_document(&mut a, &doc, &ApplyMode::Upsert, &cfg).unwrap();
         let mut slots = Slots::default();
         slots.sync(&a, bucket_space(0x8000_0000)).unwrap();
-        let (t1, frags) = saved_text(&State::default(), &Fragments::default(), &a, &slots);
-        assert_eq!(
-            serde_json::from_str::<Value>(&t1).unwrap(),
-            saved_form(&a, &slots)
-        );
+        let (t1, frags) = saved_text(&State::default(), &Fragments::default(), &a, &slots, 1);
+        let mut want = saved_form(&a, &slots);
+        want["seq"] = Value::from(1);
+        assert_eq!(serde_json::from_str::<Value>(&t1).unwrap(), want);
         let mut b = a.clone();
         let change: Value = serde_json::from_str(
             r#"{"farms":[{"name":"y","backends":[{"name":"c","ip-addr":"198.18.1.3"}]}]}"#,
@@ -1491,11 +1836,10 @@ mod saved_tests {
         .unwrap();
         apply_document(&mut b, &change, &ApplyMode::Upsert, &cfg).unwrap();
         b.farms.shift_remove("x");
-        let (t2, frags2) = saved_text(&a, &frags, &b, &slots);
-        assert_eq!(
-            serde_json::from_str::<Value>(&t2).unwrap(),
-            saved_form(&b, &slots)
-        );
+        let (t2, frags2) = saved_text(&a, &frags, &b, &slots, 2);
+        let mut want = saved_form(&b, &slots);
+        want["seq"] = Value::from(2);
+        assert_eq!(serde_json::from_str::<Value>(&t2).unwrap(), want);
         // x's fragment is gone, y's was re-serialised, the policy's reused.
         assert!(!frags2.farms.contains_key("x"));
         assert!(Arc::ptr_eq(&frags.policies["p"], &frags2.policies["p"]));

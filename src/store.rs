@@ -45,8 +45,79 @@ impl Store {
         self.save_bytes(&text)
     }
 
-    /// Replaces the saved document atomically with `text` (already JSON).
+    /// The journal beside the snapshot: one JSON change per line, appended and fsynced
+    /// after each accepted change, folded into a new snapshot from time to time.
+    pub fn journal_path(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".journal");
+        PathBuf::from(p)
+    }
+
+    /// The journal's entries, oldest first. A torn last line (a crash while appending)
+    /// is ignored; any other unreadable line is an error.
+    pub fn load_journal(&self) -> Result<Vec<Value>, String> {
+        let path = self.journal_path();
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        let mut out = Vec::with_capacity(lines.len());
+        for (i, line) in lines.iter().enumerate() {
+            match serde_json::from_str(line) {
+                Ok(v) => out.push(v),
+                Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => break,
+                Err(e) => {
+                    return Err(format!(
+                        "{} line {}: not valid JSON: {e}",
+                        path.display(),
+                        i + 1
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends one entry (a line of JSON) to the journal and makes it durable.
+    pub fn append(&self, entry: &[u8]) -> Result<(), String> {
+        let path = self.journal_path();
+        let new = !path.exists();
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                fs::create_dir_all(dir)?;
+            }
+            let mut f = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            let mut line = entry.to_vec();
+            line.push(b'\n');
+            f.write_all(&line)?;
+            f.sync_data()?;
+            if new {
+                if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    File::open(dir)?.sync_all()?;
+                }
+            }
+            Ok(())
+        };
+        write().map_err(|e| format!("cannot append to {}: {e}", path.display()))
+    }
+
+    /// Replaces the saved document atomically with `text` (already JSON), then drops the
+    /// journal it supersedes.
     pub fn save_bytes(&self, text: &[u8]) -> Result<(), String> {
+        self.write_snapshot(text)?;
+        match fs::remove_file(self.journal_path()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("cannot remove the old journal: {e}")),
+        }
+    }
+
+    fn write_snapshot(&self, text: &[u8]) -> Result<(), String> {
         let dir = self
             .path
             .parent()

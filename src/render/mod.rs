@@ -79,6 +79,29 @@ pub fn bucket_space(masquerade_mark: u32) -> u64 {
 }
 
 impl Slots {
+    /// Sets (or with `None` removes) one farm's block, as recorded in the journal.
+    pub fn set_entry(&mut self, farm: &str, slot: Option<Slot>) {
+        match slot {
+            Some(s) => {
+                self.by_farm.insert(farm.to_string(), s);
+            }
+            None => {
+                self.by_farm.remove(farm);
+            }
+        }
+    }
+
+    /// The free lists and the next unused offset (journalled whole: they are small).
+    pub fn allocator(&self) -> (BTreeMap<u32, Vec<u32>>, u64) {
+        (self.free.clone(), self.next)
+    }
+
+    /// Restores the free lists and the next unused offset.
+    pub fn set_allocator(&mut self, free: BTreeMap<u32, Vec<u32>>, next: u64) {
+        self.free = free;
+        self.next = next;
+    }
+
     /// The block of a farm, if it has one.
     pub fn get(&self, farm: &str) -> Option<&Slot> {
         self.by_farm.get(farm)
