@@ -233,10 +233,26 @@ impl Engine {
         }
         self.net = net;
         self.last_notes = notes;
-        self.resync_kernel(&rs)?;
-        if use_store && config.is_some() {
+        let mut rs = rs;
+        let will_save = use_store && config.is_some() && self.store.is_some();
+        let seq = if will_save { self.seq + 1 } else { self.seq };
+        stamp(&mut rs, seq);
+        // The kernel already implements this saved state (its generation matches, and no
+        // farm depends on the live network): nothing to rewrite.
+        let current = self.store.is_some()
+            && use_store
+            && !will_save
+            && self.seq > 0
+            && !netinfo::needed(&st)
+            && self.kernel_generation() == Some(self.seq as u32);
+        if current {
+            tracing::info!(seq = self.seq, "kernel rules already match the saved state");
+        } else {
+            self.resync_kernel(&rs)?;
+        }
+        if will_save {
             if let Some(store) = &self.store {
-                self.seq += 1;
+                self.seq = seq;
                 let mut form = saved_form(&st, &slots);
                 form["seq"] = Value::from(self.seq);
                 store.save(&form)?;
@@ -252,6 +268,20 @@ impl Engine {
         self.slots = slots;
         self.ruleset = rs;
         Ok(())
+    }
+
+    /// The generation recorded in the kernel's rules, if any.
+    fn kernel_generation(&mut self) -> Option<u32> {
+        let v = self
+            .kernel
+            .list_json(&format!("list set ip {TABLE} gen"))
+            .ok()?;
+        v.get("nftables")?
+            .as_array()?
+            .iter()
+            .find_map(|i| i.pointer("/set/elem/0"))
+            .and_then(Value::as_u64)
+            .map(|g| g as u32)
     }
 
     /// Makes the kernel hold exactly `rs`, whatever our tables contain now.
@@ -326,7 +356,14 @@ impl Engine {
             .sync(&next, bucket_space(self.cfg.masquerade_mark))
             .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
         let net = netinfo::gather(&next);
-        let (rs, render_notes) = render(&next, &slots, &net, &self.render_cfg());
+        let (mut rs, render_notes) = render(&next, &slots, &net, &self.render_cfg());
+        let unchanged = next == self.state && slots == self.slots;
+        let next_seq = if self.store.is_some() && !unchanged {
+            self.seq + 1
+        } else {
+            self.seq
+        };
+        stamp(&mut rs, next_seq);
         // Log what is new (the network can change what can be served), and report to the
         // client only on farms this request changed.
         for (_, n) in render_notes.iter().filter(|n| !self.last_notes.contains(n)) {
@@ -362,9 +399,8 @@ impl Engine {
         }
         let t3 = Instant::now();
         let mut new_fragments = None;
-        let unchanged = next == self.state && slots == self.slots;
         if let (Some(store), false) = (&self.store, unchanged) {
-            let seq = self.seq + 1;
+            let seq = next_seq;
             // A journal entry with just the changed objects, unless the journal has grown
             // past the snapshot (then a new snapshot) or the change reorders objects.
             let entry = journal_entry(&self.state, &next, &self.slots, &slots, seq).filter(|e| {
@@ -1028,6 +1064,21 @@ impl Engine {
                 .map_err(|e| Failure::new(500, "error deleting session", e))?;
         }
         Ok(notes)
+    }
+}
+
+/// Writes the saved state's sequence number into the ruleset (`set gen` of the ip
+/// table), so that the kernel records which saved state its rules implement.
+fn stamp(rs: &mut Ruleset, seq: u64) {
+    if let Some(m) = rs
+        .tables
+        .get_mut(&TableFamily::Ip)
+        .and_then(|t| t.maps.get_mut("gen"))
+    {
+        m.elements.clear();
+        m.elements
+            .insert(format!("0x{:08x}", seq as u32), String::new());
+        m.kind = "set";
     }
 }
 

@@ -146,8 +146,10 @@ impl Kernel for NsKernel {
             .map_err(KernelError::Rejected)
     }
     fn list_json(&mut self, command: &str) -> Result<serde_json::Value, KernelError> {
+        let mut args = vec!["-j"];
+        args.extend(command.split_whitespace());
         let out = Ns(self.0.clone())
-            .nft_keep(command, &["-j", "-f", "-"])
+            .nft_keep("", &args)
             .map_err(KernelError::Rejected)?;
         serde_json::from_str(&out).map_err(|e| KernelError::Unavailable(e.to_string()))
     }
@@ -351,4 +353,82 @@ fn more_backends_than_the_originals_4095_mark_limit() {
         .nft("", &["list", "chain", "ip", "nftlb", "farm-f9"])
         .unwrap();
     assert!(chain.contains("numgen random mod 500"), "{chain}");
+}
+
+/// Counts the transactions it applies (and forwards them to a namespace).
+struct Counting(NsKernel, std::sync::Arc<AtomicUsize>);
+
+impl Kernel for Counting {
+    fn apply(&mut self, commands: &str) -> Result<(), KernelError> {
+        self.1.fetch_add(1, Ordering::SeqCst);
+        self.0.apply(commands)
+    }
+    fn check(&mut self, commands: &str) -> Result<(), KernelError> {
+        self.0.check(commands)
+    }
+    fn list(&mut self, command: &str) -> Result<String, KernelError> {
+        self.0.list(command)
+    }
+    fn list_json(&mut self, command: &str) -> Result<serde_json::Value, KernelError> {
+        self.0.list_json(command)
+    }
+    fn name(&self) -> &'static str {
+        "counting"
+    }
+}
+
+#[test]
+fn restart_on_unchanged_rules_rewrites_nothing() {
+    let a = Ns::new();
+    let file = std::env::temp_dir().join(format!("{}-gen.json", a.0));
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(file.with_extension("json.journal"));
+    let start = |count: &std::sync::Arc<AtomicUsize>| {
+        let mut e = Engine::new(
+            Box::new(Counting(NsKernel(a.0.clone()), count.clone())),
+            Some(nftlb::store::Store::new(&file)),
+            EngineConfig {
+                masquerade_mark: 0x8000_0000,
+            },
+        );
+        e.start(None, true).expect("start");
+        e
+    };
+    let n = std::sync::Arc::new(AtomicUsize::new(0));
+    let mut e = start(&n);
+    send(
+        &mut e,
+        "POST",
+        "/farms",
+        r#"{"farms":[{"name":"x","virtual-addr":"198.18.0.1","virtual-ports":"80",
+        "backends":[{"name":"a","ip-addr":"198.18.1.1"}]}]}"#,
+    );
+    send(
+        &mut e,
+        "POST",
+        "/farms",
+        r#"{"farms":[{"name":"x","backends":[{"name":"b","ip-addr":"198.18.1.2"}]}]}"#,
+    );
+    let state = e.state().clone();
+    let listing = a.listing();
+    drop(e);
+    // Same saved state, same rules in the kernel: a restart applies nothing.
+    let n = std::sync::Arc::new(AtomicUsize::new(0));
+    let e = start(&n);
+    assert_eq!(
+        n.load(Ordering::SeqCst),
+        0,
+        "transactions at an idle restart"
+    );
+    assert_eq!(e.state(), &state);
+    assert_eq!(a.listing(), listing);
+    drop(e);
+    // Rules changed behind our back (the generation is gone): a restart repairs them.
+    a.nft("delete table ip nftlb\n", &["-f", "-"]).unwrap();
+    let n = std::sync::Arc::new(AtomicUsize::new(0));
+    let _e = start(&n);
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+    assert_eq!(a.listing(), listing);
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(file.with_extension("json.journal"));
 }

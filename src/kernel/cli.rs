@@ -56,7 +56,10 @@ impl Kernel for CliKernel {
         self.run(&["-c", "-f", "-"], commands).map(|_| ())
     }
     fn list_json(&mut self, command: &str) -> Result<serde_json::Value, KernelError> {
-        let out = self.run(&["-j", "-f", "-"], command)?;
+        // With -j, `-f` would read JSON: give the (plain) command as arguments.
+        let mut args = vec!["-j"];
+        args.extend(command.split_whitespace());
+        let out = self.run(&args, "")?;
         serde_json::from_str(&out)
             .map_err(|e| KernelError::Unavailable(format!("nft printed invalid JSON: {e}")))
     }

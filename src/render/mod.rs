@@ -314,6 +314,9 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         ),
         ("buckets", "type mark : mark;".to_string()),
         ("umarks", "type mark : mark;".to_string()),
+        // One element: the sequence number of the saved state the rules implement
+        // (filled in by the engine), so that a restart can tell it has nothing to do.
+        ("gen", "type mark;".to_string()),
         ("lsrc", format!("type mark : {at};")),
         (
             "osvcx",
@@ -335,7 +338,11 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         ("bki", format!("type mark : {at};")),
         ("srcaddr", format!("type mark : {at};")),
     ] {
-        t.maps.insert(name.into(), map(spec));
+        let mut m = map(spec);
+        if name == "gen" {
+            m.kind = "set";
+        }
+        t.maps.insert(name.into(), m);
     }
     t.chains.insert(
         "prerouting".into(),
