@@ -4,6 +4,8 @@
 
 use std::net::IpAddr;
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
 use crate::model::*;
@@ -215,7 +217,7 @@ fn replace_farm_policies(state: &mut State, f: &Value, target: &str) -> DResult<
         .farms
         .get_mut(&name)
         .ok_or_else(|| DocError::Unknown(format!("Unknown farm '{name}'")))?;
-    farm.policies = names;
+    Arc::make_mut(farm).policies = names;
     Ok(())
 }
 
@@ -375,9 +377,12 @@ fn rename_policy(state: &mut State, old: &str, new: &str) -> DResult<()> {
         ));
     }
     rename_key(&mut state.policies, old, new, |p| p.name = new.to_string());
+    // Only farms that refer to the policy are copied (the others stay shared).
     for f in state.farms.values_mut() {
-        for p in f.policies.iter_mut().filter(|p| *p == old) {
-            *p = new.to_string();
+        if f.policies.iter().any(|p| p == old) {
+            for p in Arc::make_mut(f).policies.iter_mut().filter(|p| *p == old) {
+                *p = new.to_string();
+            }
         }
     }
     for a in state.addresses.values_mut() {
@@ -451,8 +456,14 @@ fn apply_address(
             }
             rename_key(&mut state.addresses, &name, &new, |a| a.name = new.clone());
             for f in state.farms.values_mut() {
-                for x in f.addresses.iter_mut().filter(|x| **x == name) {
-                    *x = new.clone();
+                if f.addresses.iter().any(|x| *x == name) {
+                    for x in Arc::make_mut(f)
+                        .addresses
+                        .iter_mut()
+                        .filter(|x| **x == name)
+                    {
+                        *x = new.clone();
+                    }
                 }
             }
             return Ok(new);
@@ -475,13 +486,15 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
     let obj = as_object(v, "A farm")?;
     let name = name_of(obj, "name", "farm")?;
     let ctx = format!("farm '{name}'");
-    let mut farm = state
-        .farms
-        .get(&name)
+    let existing = state.farms.get(&name).cloned();
+    let mut farm = existing
+        .as_deref()
         .cloned()
         .unwrap_or_else(|| Farm::new(name.clone()));
     // Insert early so that addresses created below count this farm as a user.
-    state.farms.insert(name.clone(), farm.clone());
+    if existing.is_none() {
+        state.farms.insert(name.clone(), Arc::new(farm.clone()));
+    }
 
     // 1. Addresses listed explicitly.
     if let Some(list) = obj.get("addresses") {
@@ -675,7 +688,12 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
             }
         }
     }
-    state.farms.insert(name.clone(), farm);
+    // Keep the shared object when nothing changed, so that unchanged farms stay the same
+    // allocation (the engine finds what a request changed by pointer).
+    let unchanged = existing.as_deref() == Some(&farm);
+    if !unchanged {
+        state.farms.insert(name.clone(), Arc::new(farm));
+    }
     if let Some(new) = newname {
         rename_farm(state, &name, &new)?;
     }
@@ -702,7 +720,9 @@ fn rename_farm(state: &mut State, old: &str, new: &str) -> DResult<()> {
             "Invalid value '{new}' of key 'newname' in farm '{old}': farm '{new}' already exists"
         ));
     }
-    rename_key(&mut state.farms, old, new, |f| f.name = new.to_string());
+    rename_key(&mut state.farms, old, new, |f| {
+        Arc::make_mut(f).name = new.to_string()
+    });
     // The automatic address follows the farm's name.
     let (old_auto, new_auto) = (format!("{old}-addr"), format!("{new}-addr"));
     if state.addresses.contains_key(&old_auto)
@@ -713,7 +733,11 @@ fn rename_farm(state: &mut State, old: &str, new: &str) -> DResult<()> {
             a.name = new_auto.clone()
         });
         if let Some(f) = state.farms.get_mut(new) {
-            for a in f.addresses.iter_mut().filter(|a| **a == old_auto) {
+            for a in Arc::make_mut(f)
+                .addresses
+                .iter_mut()
+                .filter(|a| **a == old_auto)
+            {
                 *a = new_auto.clone();
             }
         }

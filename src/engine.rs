@@ -909,10 +909,11 @@ impl Engine {
                 remove_farm(&mut next, name);
             }
             ["farms", name, rest @ ..] => {
-                let farm = next
-                    .farms
-                    .get_mut(*name)
-                    .ok_or_else(|| nf("invalid request", format!("Unknown farm '{name}'")))?;
+                let farm = Arc::make_mut(
+                    next.farms
+                        .get_mut(*name)
+                        .ok_or_else(|| nf("invalid request", format!("Unknown farm '{name}'")))?,
+                );
                 match rest {
                     ["backends"] => {
                         farm.backends.clear();
@@ -1454,7 +1455,9 @@ fn remove_element(st: &mut State, policy: &str, data: &str) -> Result<(), Failur
 fn detach_policies(st: &mut State, name: Option<&str>) {
     let keep = |p: &String| name.is_some_and(|n| p != n);
     for f in st.farms.values_mut() {
-        f.policies.retain(keep);
+        if !f.policies.iter().all(keep) {
+            Arc::make_mut(f).policies.retain(keep);
+        }
     }
     for a in st.addresses.values_mut() {
         a.policies.retain(keep);
@@ -1464,8 +1467,8 @@ fn detach_policies(st: &mut State, name: Option<&str>) {
 /// Deletes a farm and the addresses only it used (unless they carry policies).
 fn remove_farm(st: &mut State, name: &str) {
     if let Some(f) = st.farms.shift_remove(name) {
-        for a in f.addresses {
-            drop_unused_address(st, &a);
+        for a in &f.addresses {
+            drop_unused_address(st, a);
         }
     }
 }

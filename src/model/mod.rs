@@ -11,7 +11,7 @@ use indexmap::IndexMap;
 pub use types::*;
 
 /// A virtual IP with ports and a protocol, used by farms or standalone with policies.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Address {
     /// Identity.
     pub name: String,
@@ -47,7 +47,7 @@ impl Address {
 }
 
 /// A real server of a farm.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Backend {
     /// Identity inside the farm.
     pub name: String,
@@ -88,7 +88,7 @@ impl Backend {
 }
 
 /// A static session: a persistence key pinned to a backend.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     /// The persistence key in nft syntax, e.g. `198.18.0.2 . 80`.
     pub client: String,
@@ -97,7 +97,7 @@ pub struct Session {
 }
 
 /// A virtual service.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Farm {
     /// Identity.
     pub name: String,
@@ -243,7 +243,7 @@ impl PolicyType {
 }
 
 /// One element of a policy: an address or a network.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Element {
     /// Canonical `addr` or `addr/prefix`.
     pub data: String,
@@ -252,7 +252,7 @@ pub struct Element {
 }
 
 /// A set of source addresses with a type.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Policy {
     /// Identity (also the nft set name).
     pub name: String,
@@ -322,10 +322,10 @@ pub fn parse_element(s: &str, family: Family) -> ValueResult<String> {
 }
 
 /// The whole desired state. Maps keep creation order, which is the order of GET output.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct State {
     /// Farms by name.
-    pub farms: IndexMap<String, Farm>,
+    pub farms: IndexMap<String, std::sync::Arc<Farm>>,
     /// Policies by name.
     pub policies: IndexMap<String, Policy>,
     /// Addresses by name.
@@ -576,7 +576,7 @@ mod tests {
             b.state = *state;
             f.backends.push(b);
         }
-        st.farms.insert("f".into(), f.clone());
+        st.farms.insert("f".into(), std::sync::Arc::new(f.clone()));
         (st, f)
     }
 
