@@ -12,7 +12,7 @@
 #                 apply, forward connections to its backends and take changes; no timings
 #                 are reported; exit status 1 if anything failed
 #   --out DIR     results directory (default bench/results/<UTC date-time>-<tier>)
-#   --only LIST   comma-separated systems: floors,ours,orig,kube-nft,ipt-legacy,ipt-nft,haproxy
+#   --only LIST   comma-separated systems: floors,ours,dsr,orig,kube-nft,ipt-legacy,ipt-nft,haproxy
 #   --no-install  do not apt-get install missing packages (systems whose tools are
 #                 missing are skipped and said so)
 #   --no-build    use existing binaries (NFTLB_BIN, BENCH_BIN or target/release/*)
@@ -59,18 +59,18 @@ done
 M=8 # backends per farm
 case "$TIER" in
   check)
-    OURS_N="1 50"; CMP_N="1 50"; ORIG_N="1 50"; HAPROXY_N="1"
+    OURS_N="1 50"; CMP_N="1 50"; ORIG_N="1 50"; HAPROXY_N="1"; DSR_N="1"
     RATE=500; PROBES=100; WARMUP=0; CHANGES=8; ORIG_CHANGES=8; CLI_CHANGES=4
     BULK_BYTES=$((16 << 20)); BL_ELEMENTS=1000; BL_AT="50"; RESTART_AT="50"
     CHANGE_SECONDS=30 ;;
   smoke)
-    OURS_N="1 1000"; CMP_N="1 1000"; ORIG_N="1 1000"; HAPROXY_N="1"
+    OURS_N="1 1000"; CMP_N="1 1000"; ORIG_N="1 1000"; HAPROXY_N="1"; DSR_N="1 1000"
     RATE=1000; PROBES=3000; WARMUP=200; CHANGES=200; ORIG_CHANGES=40; CLI_CHANGES=20
     BULK_BYTES=$((1 << 30)); BL_ELEMENTS=1000000; BL_AT="1000"; RESTART_AT="1000"
     CHANGE_SECONDS=30 ;;
   full)
     OURS_N=${OURS_N:-"1 1000 10000 100000"}; CMP_N=${CMP_N:-"1 1000 10000"}
-    ORIG_N="1 1000"; HAPROXY_N="1 1000"
+    ORIG_N="1 1000"; HAPROXY_N="1 1000"; DSR_N="1 1000 10000"
     RATE=1000; PROBES=10000; WARMUP=500; CHANGES=400; ORIG_CHANGES=60; CLI_CHANGES=40
     BULK_BYTES=$((4 << 30)); BL_ELEMENTS=1000000; BL_AT="100000"
     RESTART_AT="1000 10000 100000"; CHANGE_SECONDS=90 ;;
@@ -403,7 +403,7 @@ haproxy_case() { # haproxy_case N
   topo_down
 }
 
-floor_case() { # floor_case route|ct|netdev
+floor_case() { # floor_case route|ct
   SYS=floor-$1 N=0 MM=0
   log "$SYS"
   topo_up
@@ -416,25 +416,97 @@ table ip floor {
 }
 EOF
       ;;
-    netdev)
-      # Direct server return floor: one netdev ingress rule rewrites the destination MAC
-      # and forwards to the backend link (no routing, no conntrack); the backend owns the
-      # VIP on lo. Replies are routed back through the LB namespace without conntrack.
-      local mac
-      mac=$(ip netns exec "$BE" cat /sys/class/net/b0/address)
-      ip -n "$BE" addr add 198.18.0.1/32 dev lo
-      ip netns exec "$LB" nft -f - << EOF
-table netdev floor {
-  chain in { type filter hook ingress device "l0" priority 0; ip daddr 198.18.0.1 ether daddr set $mac fwd to "l1"; }
-}
-EOF
-      a=198.18.0.1
-      ;;
   esac
   path_ok "$a" "$p"
   probe "" "$a" "$p" 0
   bulk "$a" "$p"
   topo_down
+}
+
+# Flat layer 2 for direct server return: cli, lb and be on one bridge (in namespace sw).
+#   cli 198.19.0.253  lb 198.19.0.254  be 198.19.0.1-8 (+ every VIP on lo, arp_ignore)
+# The client routes the VIPs to lb; lb rewrites the destination MAC at netdev ingress and
+# sends the frame back out; be answers the client directly.
+flat_up() {
+  CASE=$((CASE + 1))
+  local p="$PREFIX$CASE" n ns
+  CLI=$p-cli LB=$p-lb BE=$p-be SW=$p-sw
+  for n in "$CLI" "$LB" "$BE" "$SW"; do
+    ip netns add "$n"
+    ip -n "$n" link set lo up
+  done
+  ip -n "$SW" link add br0 type bridge
+  ip -n "$SW" link set br0 up
+  for n in cli lb be; do
+    ns=$CLI
+    [ $n = lb ] && ns=$LB
+    [ $n = be ] && ns=$BE
+    ip link add eth0 netns "$ns" type veth peer name "$n" netns "$SW"
+    ip -n "$SW" link set "$n" master br0 up
+    ip -n "$ns" link set eth0 up
+  done
+  ip -n "$CLI" addr add 198.19.0.253/24 dev eth0
+  ip -n "$CLI" route add 198.18.0.0/15 via 198.19.0.254
+  ip -n "$LB" addr add 198.19.0.254/24 dev eth0
+  local k j
+  for k in all default eth0; do
+    ip netns exec "$BE" sysctl -qw "net.ipv4.conf.$k.arp_ignore=1" "net.ipv4.conf.$k.arp_announce=2"
+  done
+  for ((j = 1; j <= M; j++)); do ip -n "$BE" addr add "198.19.0.$j/24" dev eth0; done
+  ip -n "$BE" route add local 198.18.0.0/15 dev lo # every VIP is local to the backends
+  ip netns exec "$CLI" sysctl -qw net.ipv4.ip_local_port_range="1024 65535"
+  ip netns exec "$BE" sysctl -qw net.core.somaxconn=8192
+  if [ "$(nproc)" -ge 2 ]; then
+    ip netns exec "$LB" sh -c 'echo 2 > /sys/class/net/eth0/queues/rx-0/rps_cpus'
+    ip netns exec "$CLI" sh -c 'echo 1 > /sys/class/net/eth0/queues/rx-0/rps_cpus'
+    ip netns exec "$BE" sh -c 'echo 1 > /sys/class/net/eth0/queues/rx-0/rps_cpus'
+  fi
+  bg "$OUT/logs/case$CASE-serve.log" taskset -c 0 ip netns exec "$BE" "$BENCH" serve --port 8080 --port 80 --port 81
+  SERVE_PID=$LASTPID
+  ip netns exec "$CLI" "$BENCH" wait-tcp --addr 198.19.0.1 --port 8080 --timeout-s 10 > /dev/null
+}
+
+flat_down() {
+  topo_down
+  ip netns delete "$SW" 2> /dev/null || true
+}
+
+floor_netdev_case() {
+  SYS=floor-netdev N=0 MM=0
+  log "$SYS (flat L2)"
+  flat_up
+  local bmac lmac
+  bmac=$(ip netns exec "$BE" cat /sys/class/net/eth0/address)
+  lmac=$(ip netns exec "$LB" cat /sys/class/net/eth0/address)
+  ip netns exec "$LB" nft -f - << EOF
+table netdev floor {
+  chain in { type filter hook ingress device "eth0" priority 0; ip daddr 198.18.0.1 ether saddr set $lmac ether daddr set $bmac fwd to "eth0"; }
+}
+EOF
+  path_ok 198.18.0.1 80
+  probe "" 198.18.0.1 80 0
+  bulk 198.18.0.1 80
+  flat_down
+}
+
+dsr_case() { # dsr_case N: ours in dsr mode, the same flat topology as the netdev floor
+  SYS=nftlb-rs-dsr N=$1 MM=$M
+  log "$SYS: $N farms x $MM backends (flat L2)"
+  local file=$TMP/farms-dsr-$N.json
+  "$BENCH" gen farms-dsr --n "$N" --m "$MM" --out "$file"
+  flat_up
+  bg "$OUT/logs/$SYS-$N-daemon.log" taskset -c 1 ip netns exec "$LB" "$NFTLB" -k "$KEY" -H 127.0.0.1 \
+    -P 5555 -L 2 -l 3 --state-file "$TMP/state-$CASE.json"
+  local dpid=$LASTPID
+  wait_api 60
+  # shellcheck disable=SC2046
+  m ip netns exec "$LB" "$BENCH" $(rec --meta test=apply_api) post --key "$KEY" --file "$file" --timeout-s 900
+  read -r va vp <<< "$(vip_of "$N")"
+  path_ok "$va" "$vp"
+  probe "" "$va" "$vp" 0
+  bulk "$va" "$vp"
+  stop_pid "$dpid"
+  flat_down
 }
 
 # ------------------------------------------------------------------ run
@@ -453,13 +525,16 @@ have() { command -v "$1" > /dev/null 2>&1; }
 if want floors; then
   floor_case route
   floor_case ct
-  floor_case netdev
-  note "floor-netdev: the forward path is one netdev ingress rule (MAC rewrite + fwd); the return path is routed through the LB namespace without conntrack (routed topology, not flat L2)."
+  floor_netdev_case
+  note "floor-netdev and nftlb-rs-dsr run on a flat layer-2 topology (client, LB and backends on one bridge, replies straight from the backend to the client); the other systems on the routed one (cli - lb - be)."
 fi
 if want ours; then
   for n in $OURS_N; do daemon_case ours "$n" "$M"; done
   # The same shape as the original can hold, for the side-by-side comparison.
   for n in $ORIG_N; do [ "$n" -gt 1 ] && daemon_case ours "$n" "$ORIG_M"; done
+fi
+if want dsr; then
+  for n in $DSR_N; do dsr_case "$n"; done
 fi
 if want orig; then
   if [ -x "$ORIG" ]; then

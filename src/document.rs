@@ -456,7 +456,7 @@ fn apply_address(
             }
             rename_key(&mut state.addresses, &name, &new, |a| a.name = new.clone());
             for f in state.farms.values_mut() {
-                if f.addresses.iter().any(|x| *x == name) {
+                if f.addresses.contains(&name) {
                     for x in Arc::make_mut(f)
                         .addresses
                         .iter_mut()

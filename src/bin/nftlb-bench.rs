@@ -63,8 +63,9 @@ struct RecordOpts {
 enum Cmd {
     /// Backend server (runs until killed)
     Serve {
-        #[arg(long, default_value_t = 8080)]
-        port: u16,
+        /// Ports to listen on (repeat for several)
+        #[arg(long, default_values_t = [8080])]
+        port: Vec<u16>,
     },
     /// Open-loop new-connection latency prober
     Connect {
@@ -502,8 +503,20 @@ fn listen(port: u16) -> Res<TcpListener> {
     Ok(l)
 }
 
-fn serve(port: u16) -> Res<()> {
-    let l = listen(port)?;
+fn serve(ports: Vec<u16>) -> Res<()> {
+    let mut ls = Vec::new();
+    for p in ports {
+        ls.push(listen(p)?);
+    }
+    let last = ls.pop().ok_or("no port")?;
+    for l in ls {
+        std::thread::spawn(move || serve_on(l));
+    }
+    serve_on(last);
+    Ok(())
+}
+
+fn serve_on(l: TcpListener) {
     loop {
         match l.accept() {
             Ok((mut c, _)) => {
@@ -1266,7 +1279,11 @@ fn gen_farms(w: &mut dyn Write, n: u32, m: u32, dsr: bool) -> io::Result<()> {
         if i > 0 {
             write!(w, ",")?;
         }
-        let mode = if dsr { "dsr" } else { "dnat" };
+        let mode = if dsr {
+            "dsr\",\"iface\":\"eth0"
+        } else {
+            "dnat"
+        };
         write!(
             w,
             "{{\"name\":\"f{i}\",\"family\":\"ipv4\",\"virtual-addr\":\"{a}\",\"virtual-ports\":\"{p}\",\"protocol\":\"tcp\",\"mode\":\"{mode}\",\"scheduler\":\"weight\",\"state\":\"up\",\"backends\":["
@@ -1681,6 +1698,30 @@ fn report(dir: &Path) -> Res<()> {
             .insert(s(r, "test") + &s(r, "variant"), r.clone());
     }
 
+    // The blacklist test: probes before (variant prebl) and after (bl) attaching it.
+    for t in rows.values_mut() {
+        if let (Some(with), Some(base)) = (t.get("connectbl"), t.get("connectprebl")) {
+            let mut b = with.clone();
+            for k in [
+                "connect_p50_us",
+                "connect_p99_us",
+                "connect_p999_us",
+                "fb_p50_us",
+                "fb_p99_us",
+            ] {
+                b[format!("base_{k}")] = base.get(k).cloned().unwrap_or(Value::Null);
+            }
+            if let Some(l) = t.get("bl_load") {
+                b["load_s"] = l.get("wall_s").cloned().unwrap_or(Value::Null);
+                b["elements"] = l.get("elements").cloned().unwrap_or(Value::Null);
+            }
+            if let Some(a) = t.get("bl_attach") {
+                b["attach_s"] = a.get("wall_s").cloned().unwrap_or(Value::Null);
+            }
+            t.insert("blacklist".into(), b);
+        }
+    }
+
     let mut md = String::new();
     md += "# nftlb-rs benchmark results\n\n";
     md += &format!(
@@ -2085,14 +2126,21 @@ fn targets(rows: &BTreeMap<Key, BTreeMap<String, Value>>) -> String {
 
 /// Writes gnuplot data and scripts, runs gnuplot when present; returns the PNG names.
 fn plots(dir: &Path, rows: &BTreeMap<Key, BTreeMap<String, Value>>) -> Vec<String> {
+    // One colour per system (and backend count), solid p50 / API, dashed p99 / file.
+    struct Series {
+        name: String,
+        color: usize,
+        dashed: bool,
+        pts: Vec<(u64, f64)>,
+    }
     struct Plot {
         file: &'static str,
         title: &'static str,
         ylabel: &'static str,
-        series: Vec<(String, Vec<(u64, f64)>)>,
-        floors: Vec<(String, f64)>,
+        series: Vec<Series>,
+        floors: Vec<(String, f64, bool)>,
     }
-    let series = |test: &str, key: &str, suffix: &str| -> Vec<(String, Vec<(u64, f64)>)> {
+    let series = |test: &str, key: &str, suffix: &str, dashed: bool| -> Vec<Series> {
         let mut by: BTreeMap<(usize, String, u64), Vec<(u64, f64)>> = BTreeMap::new();
         for ((o, sys, m, n), t) in rows.iter() {
             if *n == 0 || sys.starts_with("floor") {
@@ -2104,34 +2152,32 @@ fn plots(dir: &Path, rows: &BTreeMap<Key, BTreeMap<String, Value>>) -> Vec<Strin
         }
         by.into_iter()
             .filter(|(_, v)| !v.is_empty())
-            .map(|((_, sys, m), v)| (format!("{} ×{m}{suffix}", label(&sys)), v))
+            .map(|((o, sys, m), pts)| Series {
+                name: format!("{} x{m}{suffix}", label(&sys)),
+                color: o * 2 + usize::from(m != 8),
+                dashed,
+                pts,
+            })
             .collect()
     };
-    let floors = |key: &str| -> Vec<(String, f64)> {
+    let floors = |key: &str, dashed: bool, suffix: &str| -> Vec<(String, f64, bool)> {
         rows.iter()
             .filter(|((_, s, _, _), _)| s.starts_with("floor"))
             .filter_map(|((_, s, _, _), t)| {
                 t.get("connect")
                     .and_then(|r| num(r, key))
-                    .map(|v| (label(s), v))
+                    .map(|v| (format!("{}{suffix}", label(s)), v, dashed))
             })
             .collect()
     };
-    let mut apply = series("apply_api", "wall_s", " (API)");
-    apply.extend(series("apply_exit", "wall_s", " (-e / file)"));
-    let mut change = series("changes", "p50_ms", " p50");
-    change.extend(series("changes", "p99_ms", " p99"));
-    let mut conn = series("connect", "connect_p50_us", " p50");
-    conn.extend(series("connect", "connect_p99_us", " p99"));
-    let mut fl = floors("connect_p50_us")
-        .into_iter()
-        .map(|(l, v)| (format!("{l} p50"), v))
-        .collect::<Vec<_>>();
-    fl.extend(
-        floors("connect_p99_us")
-            .into_iter()
-            .map(|(l, v)| (format!("{l} p99"), v)),
-    );
+    let mut apply = series("apply_api", "wall_s", " (API)", false);
+    apply.extend(series("apply_exit", "wall_s", " (-e / file)", true));
+    let mut change = series("changes", "p50_ms", " p50", false);
+    change.extend(series("changes", "p99_ms", " p99", true));
+    let mut conn = series("connect", "connect_p50_us", " p50", false);
+    conn.extend(series("connect", "connect_p99_us", " p99", true));
+    let mut fl = floors("connect_p50_us", false, " p50");
+    fl.extend(floors("connect_p99_us", true, " p99"));
     let plots = vec![
         Plot {
             file: "apply_time.png",
@@ -2155,6 +2201,11 @@ fn plots(dir: &Path, rows: &BTreeMap<Key, BTreeMap<String, Value>>) -> Vec<Strin
             floors: fl,
         },
     ];
+    const COLORS: &[&str] = &[
+        "#d62728", "#ff9896", "#1f77b4", "#aec7e8", "#2ca02c", "#98df8a", "#9467bd", "#c5b0d5",
+        "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d",
+        "#17becf", "#9edae5", "#000000", "#555555",
+    ];
     let have_gnuplot = Command::new("gnuplot")
         .arg("--version")
         .stdout(Stdio::null())
@@ -2171,37 +2222,39 @@ fn plots(dir: &Path, rows: &BTreeMap<Key, BTreeMap<String, Value>>) -> Vec<Strin
         let xmax = p
             .series
             .iter()
-            .flat_map(|(_, v)| v.iter().map(|(n, _)| *n))
+            .flat_map(|s| s.pts.iter().map(|(n, _)| *n))
             .max()
             .unwrap_or(1)
             .max(10);
         let mut gp = format!(
-            "set terminal pngcairo size 1000,650 noenhanced\nset output '{}'\nset title '{}'\nset xlabel 'farms (services)'\nset ylabel '{}'\nset logscale xy\nset xrange [0.8:{}]\nset key outside right top\nset grid\nplot ",
+            "set terminal pngcairo size 1100,650 noenhanced\nset output '{}'\nset title '{}'\nset xlabel 'farms (services)'\nset ylabel '{}'\nset logscale xy\nset xrange [0.8:{}]\nset key outside right top\nset grid\nplot ",
             p.file,
             p.title,
             p.ylabel,
             xmax as f64 * 1.5
         );
         let mut parts = Vec::new();
-        for (k, (name, pts)) in p.series.iter().enumerate() {
+        for (k, se) in p.series.iter().enumerate() {
             let dat = format!("{base}-{k}.dat");
             let mut d = String::new();
-            for (n, v) in pts {
+            for (n, v) in &se.pts {
                 d += &format!("{n} {v}\n");
             }
             if fs::write(dir.join(&dat), d).is_err() {
                 return made;
             }
-            let dashed = if name.ends_with("p99") { " dt 2" } else { "" };
             parts.push(format!(
-                "'{dat}' using 1:2 with linespoints lw 2{dashed} title '{}'",
-                name.replace('\'', "")
+                "'{dat}' using 1:2 with linespoints lw 2 lc rgb '{}' dt {} title '{}'",
+                COLORS[se.color % COLORS.len()],
+                if se.dashed { 2 } else { 1 },
+                se.name.replace('\'', "")
             ));
         }
-        for (name, v) in &p.floors {
-            let dashed = if name.ends_with("p99") { " dt 3" } else { "" };
+        for (k, (name, v, dashed)) in p.floors.iter().enumerate() {
             parts.push(format!(
-                "{v} with lines lw 1{dashed} title '{}'",
+                "{v} with lines lw 1 lc rgb '{}' dt {} title '{}'",
+                ["#000000", "#777777", "#bbbbbb"][k % 3],
+                if *dashed { 3 } else { 1 },
                 name.replace('\'', "")
             ));
         }
