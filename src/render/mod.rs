@@ -318,6 +318,9 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         // (filled in by the engine), so that a restart can tell it has nothing to do.
         ("gen", "type mark;".to_string()),
         ("lsrc", format!("type mark : {at};")),
+        // Exact marks, not intervals: nft 1.0.6 cannot add to a one-field interval map
+        // created in the same transaction (it lists the kernel's elements first).
+        ("fwdmarks", "type mark : verdict;".to_string()),
         (
             "osvcx",
             format!("type inet_proto . {at} . inet_service : verdict;"),
@@ -403,7 +406,7 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         "forward".into(),
         Chain {
             base: Some("type filter hook forward priority filter; policy accept;".into()),
-            rules: Vec::new(),
+            rules: vec!["ct mark vmap @fwdmarks".into()],
         },
     );
     let masq = cfg.masquerade_mark;
@@ -782,6 +785,7 @@ fn render_farm(
         rules.push("drop".to_string());
     }
     t.chains.insert(chain_name, Chain { base: None, rules });
+    let mut fwd_rules: Vec<String> = Vec::new();
     if farm.flow_offload {
         // Only reached where the kernel has flowtables (the engine refuses otherwise).
         let mut devices: Vec<String> = state
@@ -805,12 +809,7 @@ fn render_farm(
                     dynamic: true,
                 },
             );
-            let fwd = t.chains.get_mut("forward").expect("base chain");
-            fwd.rules.push(format!(
-                "meta l4proto {{ tcp, udp }} ct mark {}-{} flow add @{ft}",
-                mark(base),
-                mark(base + slot.size - 1)
-            ));
+            fwd_rules.push(format!("meta l4proto {{ tcp, udp }} flow add @{ft}"));
         }
     }
     if farm.log.has("forward") {
@@ -832,12 +831,21 @@ fn render_farm(
         } else {
             String::new()
         };
-        let fwd = t.chains.get_mut("forward").expect("base chain");
-        fwd.rules.push(format!(
-            "ct state new ct mark {}-{} {rate}log prefix \"{p}\"",
-            mark(base),
-            mark(base + slot.size - 1)
-        ));
+        fwd_rules.push(format!("ct state new {rate}log prefix \"{p}\""));
+    }
+    if !fwd_rules.is_empty() {
+        // The forward hook finds the farm by its block of conntrack marks.
+        let chain = format!("forward-{}", farm.name);
+        for (_, _, m) in &natable {
+            insert(t, "fwdmarks", mark(*m), format!("goto {chain}"));
+        }
+        t.chains.insert(
+            chain,
+            Chain {
+                base: None,
+                rules: fwd_rules,
+            },
+        );
     }
 }
 
@@ -936,7 +944,11 @@ mod tests {
             "{t}"
         );
         assert!(
-            t.contains("add rule ip nftlb forward meta l4proto { tcp, udp } ct mark 0x80000010-0x8000001f flow add @ft-f"),
+            t.contains("add rule ip nftlb forward-f meta l4proto { tcp, udp } flow add @ft-f"),
+            "{t}"
+        );
+        assert!(
+            t.contains("add element ip nftlb fwdmarks { 0x80000010 : goto forward-f }"),
             "{t}"
         );
     }
