@@ -268,9 +268,9 @@ fn apply_policy(state: &mut State, v: &Value, mode: &ApplyMode) -> DResult<()> {
         }
         _ => {}
     }
-    let mut p = state
-        .policies
-        .get(&name)
+    let existing = state.policies.get(&name).cloned();
+    let mut p = existing
+        .as_deref()
         .cloned()
         .unwrap_or_else(|| Policy::new(name.clone()));
     let mut newname = None;
@@ -346,7 +346,10 @@ fn apply_policy(state: &mut State, v: &Value, mode: &ApplyMode) -> DResult<()> {
     } else if let ApplyMode::ReplacePolicyElements(_) = mode {
         p.elements.clear();
     }
-    state.policies.insert(name.clone(), p);
+    // Unchanged policies keep their allocation (cheap comparisons in the engine).
+    if existing.as_deref() != Some(&p) {
+        state.policies.insert(name.clone(), Arc::new(p));
+    }
     if let Some(new) = newname {
         rename_policy(state, &name, &new)?;
     }
@@ -376,7 +379,9 @@ fn rename_policy(state: &mut State, old: &str, new: &str) -> DResult<()> {
             "Invalid value '{new}' of key 'newname' in policy '{old}': policy '{new}' already exists"
         ));
     }
-    rename_key(&mut state.policies, old, new, |p| p.name = new.to_string());
+    rename_key(&mut state.policies, old, new, |p| {
+        Arc::make_mut(p).name = new.to_string()
+    });
     // Only farms that refer to the policy are copied (the others stay shared).
     for f in state.farms.values_mut() {
         if f.policies.iter().any(|p| p == old) {

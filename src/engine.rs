@@ -1016,7 +1016,7 @@ impl Engine {
                         next.policies.shift_remove(*name);
                         detach_policies(&mut next, Some(name));
                     }
-                    ["elements"] => next.policies[*name].elements.clear(),
+                    ["elements"] => Arc::make_mut(&mut next.policies[*name]).elements.clear(),
                     ["elements", data] | ["elements", data, ""] => {
                         remove_element(&mut next, name, data)?
                     }
@@ -1440,7 +1440,7 @@ fn kernel_failure(first: &KernelError, resync: &str) -> Failure {
 }
 
 fn remove_element(st: &mut State, policy: &str, data: &str) -> Result<(), Failure> {
-    let p = st.policies.get_mut(policy).expect("checked by caller");
+    let p = Arc::make_mut(st.policies.get_mut(policy).expect("checked by caller"));
     let canon = parse_element(data, p.family).unwrap_or_else(|_| data.to_string());
     if p.elements.shift_remove(&canon).is_none() {
         return Err(Failure::new(

@@ -327,7 +327,7 @@ pub struct State {
     /// Farms by name.
     pub farms: IndexMap<String, std::sync::Arc<Farm>>,
     /// Policies by name.
-    pub policies: IndexMap<String, Policy>,
+    pub policies: IndexMap<String, std::sync::Arc<Policy>>,
     /// Addresses by name.
     pub addresses: IndexMap<String, Address>,
 }
