@@ -13,7 +13,10 @@ use crate::document::{self, ApplyMode, DocError, ParseConfig, View};
 use crate::kernel::{Capabilities, Kernel, KernelError};
 use crate::model::*;
 use crate::netinfo;
-use crate::render::{bucket_space, id_base, render, session_maps, RenderConfig, Slots};
+use crate::render::{
+    bucket_space, id_base, merge_into, remove_from, render_base, render_fragment, session_maps,
+    skeleton, RenderConfig, Slots,
+};
 use crate::ruleset::{parse_listing, plan, resync, Ruleset, TableFamily, TABLE};
 use crate::store::Store;
 
@@ -118,6 +121,14 @@ pub struct Engine {
     /// Bytes in the journal since the last snapshot, and the snapshot's size.
     journal_bytes: usize,
     snapshot_bytes: usize,
+    /// Each farm's part of `ruleset`, with the farm it was rendered from, so that a change
+    /// re-renders and plans only the farms it touched.
+    frags: HashMap<String, Fragment>,
+}
+
+/// A farm's rendered part of the ruleset.
+struct Fragment {
+    rules: Ruleset,
 }
 
 /// Serialised state-file pieces of the current state, so that saving after a change
@@ -147,6 +158,7 @@ impl Engine {
             seq: 0,
             journal_bytes: 0,
             snapshot_bytes: 0,
+            frags: HashMap::new(),
         }
     }
 
@@ -227,7 +239,8 @@ impl Engine {
             .sync(&st, bucket_space(self.cfg.masquerade_mark))
             .map_err(|e| format!("configuration: {e}"))?;
         let net = netinfo::gather(&st);
-        let (rs, notes) = render(&st, &slots, &net, &self.render_cfg());
+        let (rs, notes, frags) = self.render_full(&st, &slots, &net);
+        self.frags = frags;
         for (_, n) in &notes {
             tracing::warn!("{n}");
         }
@@ -268,6 +281,25 @@ impl Engine {
         self.slots = slots;
         self.ruleset = rs;
         Ok(())
+    }
+
+    /// Renders everything, keeping each farm's fragment for later incremental changes.
+    fn render_full(
+        &self,
+        st: &State,
+        slots: &Slots,
+        net: &netinfo::NetView,
+    ) -> (Ruleset, Vec<(String, String)>, HashMap<String, Fragment>) {
+        let cfg = self.render_cfg();
+        let (mut rs, mut notes) = render_base(st, slots, net, &cfg);
+        let mut frags = HashMap::with_capacity(st.farms.len());
+        for (name, farm) in &st.farms {
+            let (rules, n) = render_fragment(st, farm, slots, &cfg);
+            merge_into(&mut rs, &rules);
+            notes.extend(n);
+            frags.insert(name.clone(), Fragment { rules });
+        }
+        (rs, notes, frags)
     }
 
     /// The generation recorded in the kernel's rules, if any.
@@ -351,19 +383,73 @@ impl Engine {
             .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
         self.check_capabilities(&next)
             .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
+        // Farms this change touches (added, changed or removed): unchanged farms are the
+        // same allocation, so this is a pointer comparison per farm.
+        let mut dirty: Vec<String> = next
+            .farms
+            .iter()
+            .filter(|(n, f)| !self.state.farms.get(*n).is_some_and(|o| Arc::ptr_eq(o, f)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        dirty.extend(
+            self.state
+                .farms
+                .keys()
+                .filter(|n| !next.farms.contains_key(*n))
+                .cloned(),
+        );
+        // Only farm fragments change (no policy, address or ingress farm involved, and
+        // nothing depends on the live network): re-render and plan just those.
+        let incremental = !self.frags.is_empty()
+            && next.policies == self.state.policies
+            && next.addresses == self.state.addresses
+            && !netinfo::needed(&next)
+            && !netinfo::needed(&self.state);
         let mut slots = self.slots.clone();
-        slots
-            .sync(&next, bucket_space(self.cfg.masquerade_mark))
-            .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
-        let net = netinfo::gather(&next);
-        let (mut rs, render_notes) = render(&next, &slots, &net, &self.render_cfg());
+        let space = bucket_space(self.cfg.masquerade_mark);
+        if incremental {
+            slots.sync_farms(&next, dirty.iter(), space)
+        } else {
+            slots.sync(&next, space)
+        }
+        .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
         let unchanged = next == self.state && slots == self.slots;
         let next_seq = if self.store.is_some() && !unchanged {
             self.seq + 1
         } else {
             self.seq
         };
-        stamp(&mut rs, next_seq);
+        let cfg = self.render_cfg();
+        let net = if incremental {
+            self.net.clone()
+        } else {
+            netinfo::gather(&next)
+        };
+        // (old part, new part) of the ruleset; the new fragments to keep.
+        let (mut old_part, mut new_part, new_frags, render_notes) = if incremental {
+            let shared = skeleton(&cfg);
+            let mut old_part = shared.clone();
+            let mut new_part = shared;
+            let mut new_frags = HashMap::new();
+            let mut render_notes = Vec::new();
+            for name in &dirty {
+                if let Some(f) = self.frags.get(name) {
+                    merge_into(&mut old_part, &f.rules);
+                }
+                if let Some(farm) = next.farms.get(name) {
+                    let (rules, n) = render_fragment(&next, farm, &slots, &cfg);
+                    merge_into(&mut new_part, &rules);
+                    render_notes.extend(n);
+                    new_frags.insert(name.clone(), Fragment { rules });
+                }
+            }
+            (old_part, new_part, new_frags, render_notes)
+        } else {
+            let (rs, render_notes, frags) = self.render_full(&next, &slots, &net);
+            (self.ruleset.clone(), rs, frags, render_notes)
+        };
+        stamp(&mut old_part, self.seq);
+        stamp(&mut new_part, next_seq);
         // Log what is new (the network can change what can be served), and report to the
         // client only on farms this request changed.
         for (_, n) in render_notes.iter().filter(|n| !self.last_notes.contains(n)) {
@@ -372,15 +458,33 @@ impl Engine {
         notes.extend(
             render_notes
                 .iter()
-                .filter(|(farm, _)| self.state.farms.get(farm) != next.farms.get(farm))
+                .filter(|(farm, _)| dirty.contains(farm))
                 .map(|(_, n)| n.clone()),
         );
         let t1 = Instant::now();
-        let mut tx = plan(&self.ruleset, &rs);
+        let mut tx = plan(&old_part, &new_part);
         // Persistence entries that point at backends which can no longer carry flows
         // (down, deleted, invalid) go in the same transaction.
-        tx.commands.extend(self.stale_session_deletes(&next, &rs));
+        tx.commands
+            .extend(self.stale_session_deletes(&next, &new_part, &dirty));
         let t2 = Instant::now();
+        // The whole new ruleset, built only when needed (a failure, or the full path).
+        let whole = |me: &Self| -> Ruleset {
+            if !incremental {
+                return new_part.clone();
+            }
+            let mut rs = me.ruleset.clone();
+            for name in &dirty {
+                if let Some(f) = me.frags.get(name) {
+                    remove_from(&mut rs, &f.rules, &skeleton(&cfg));
+                }
+                if let Some(f) = new_frags.get(name) {
+                    merge_into(&mut rs, &f.rules);
+                }
+            }
+            stamp(&mut rs, next_seq);
+            rs
+        };
         if !tx.is_empty() {
             tracing::debug!("transaction:\n{}", tx.to_text());
             if let Err(e) = self.kernel.apply(&tx.to_text()) {
@@ -388,6 +492,7 @@ impl Engine {
                 // hand): bring them to the new state from scratch, in one transaction.
                 tracing::warn!("incremental transaction failed ({e}); resynchronising");
                 self.fallbacks += 1;
+                let rs = whole(self);
                 if let Err(e2) = self.resync_kernel(&rs) {
                     let back = self.ruleset.clone();
                     if let Err(e3) = self.resync_kernel(&back) {
@@ -447,7 +552,7 @@ impl Engine {
             }
             if let Err(e) = saved {
                 // Undo the kernel change so that memory, kernel and file agree.
-                let undo = plan(&rs, &self.ruleset);
+                let undo = plan(&new_part, &old_part);
                 if let Err(ke) = self.kernel.apply(&undo.to_text()) {
                     tracing::error!("cannot undo after a store failure: {ke}");
                     let back = self.ruleset.clone();
@@ -464,11 +569,28 @@ impl Engine {
             commands = tx.commands.len(),
             "committed"
         );
+        if incremental {
+            let shared = skeleton(&cfg);
+            for name in &dirty {
+                if let Some(f) = self.frags.remove(name) {
+                    remove_from(&mut self.ruleset, &f.rules, &shared);
+                }
+            }
+            for (name, f) in new_frags {
+                merge_into(&mut self.ruleset, &f.rules);
+                self.frags.insert(name, f);
+            }
+            stamp(&mut self.ruleset, next_seq);
+            self.last_notes.retain(|(farm, _)| !dirty.contains(farm));
+            self.last_notes.extend(render_notes);
+        } else {
+            self.ruleset = new_part;
+            self.frags = new_frags;
+            self.last_notes = render_notes;
+        }
         self.state = next;
         self.slots = slots;
-        self.ruleset = rs;
         self.net = net;
-        self.last_notes = render_notes;
         if let Some(f) = new_fragments {
             self.fragments = f;
         }
@@ -555,7 +677,12 @@ impl Engine {
 
     /// `delete element` commands for persistence entries of backends that could carry
     /// flows before this change and cannot after it.
-    fn stale_session_deletes(&mut self, next: &State, rs: &Ruleset) -> Vec<String> {
+    fn stale_session_deletes(
+        &mut self,
+        next: &State,
+        rs: &Ruleset,
+        dirty: &[String],
+    ) -> Vec<String> {
         let natable = |st: &State, f: &Farm| -> Vec<String> {
             f.backends
                 .iter()
@@ -570,9 +697,32 @@ impl Engine {
                 .collect()
         };
         let mut out = Vec::new();
-        let old_state = self.state.clone();
+        // Only the touched farms with persistence matter: copy just those (and their
+        // addresses), not the whole state.
+        let mut old_state = State::default();
+        for name in dirty {
+            if let Some(f) = self
+                .state
+                .farms
+                .get(name)
+                .filter(|f| !f.persistence.is_empty())
+            {
+                old_state.farms.insert(name.clone(), f.clone());
+                for a in &f.addresses {
+                    if let Some(addr) = self.state.addresses.get(a) {
+                        old_state.addresses.insert(a.clone(), addr.clone());
+                    }
+                }
+            }
+        }
+        if old_state.farms.is_empty() {
+            return out;
+        }
         let old_slots = self.slots.clone();
-        for (name, old_farm) in &old_state.farms {
+        for name in dirty {
+            let Some(old_farm) = old_state.farms.get(name) else {
+                continue;
+            };
             if old_farm.persistence.is_empty() {
                 continue;
             }

@@ -117,12 +117,25 @@ impl Slots {
             .filter(|n| !state.farms.contains_key(*n))
             .cloned()
             .collect();
-        for n in gone {
-            if let Some(s) = self.by_farm.remove(&n) {
-                self.free.entry(s.size).or_default().push(s.offset);
-            }
-        }
-        for farm in state.farms.values() {
+        let names: Vec<&String> = state.farms.keys().collect();
+        self.sync_farms(state, names.into_iter().chain(gone.iter()), space)
+    }
+
+    /// [`Slots::sync`] for the named farms only (those a change touched): farms that are
+    /// gone from `state` give their block back, the others get one that fits.
+    pub fn sync_farms<'a>(
+        &mut self,
+        state: &State,
+        names: impl Iterator<Item = &'a String>,
+        space: u64,
+    ) -> Result<(), String> {
+        for name in names {
+            let Some(farm) = state.farms.get(name) else {
+                if let Some(s) = self.by_farm.remove(name) {
+                    self.free.entry(s.size).or_default().push(s.offset);
+                }
+                continue;
+            };
             // Backend identities: keep existing ones, give new backends the lowest free.
             let mut ids = self
                 .by_farm
@@ -502,72 +515,160 @@ fn buckets_needed(state: &State, farm: &Farm) -> u32 {
         .unwrap_or(0)
 }
 
-/// Renders the whole state. Also returns notes about accepted but unrendered settings.
-/// Every farm must have a slot (see [`Slots::sync`]).
+/// The tables every ruleset has, with no farm in them: base chains and the shared maps,
+/// empty. Farm fragments are rendered onto it; objects named here are shared.
+pub fn skeleton(cfg: &RenderConfig) -> Ruleset {
+    let mut rs = Ruleset::default();
+    for fam in TableFamily::ALL {
+        rs.tables.insert(fam, base_table(fam, cfg));
+    }
+    rs
+}
+
+/// The part of the ruleset that does not belong to one NAT farm: the skeleton, the
+/// policies' sets, standalone addresses and every ingress (`dsr`, `stlsdnat`) farm.
+pub fn render_base(
+    state: &State,
+    slots: &Slots,
+    net: &NetView,
+    cfg: &RenderConfig,
+) -> (Ruleset, Vec<Note>) {
+    let mut rs = skeleton(cfg);
+    let mut notes = Vec::new();
+    for fam in TableFamily::ALL {
+        let t = rs.tables.get_mut(&fam).expect("skeleton tables exist");
+        filter::policies(state, fam, t);
+        // Standalone addresses with policies: a pure ingress firewall.
+        for a in state.addresses.values() {
+            if !a.policies.is_empty() && state.address_used(&a.name) == 0 {
+                filter::address_entries(state, a, fam, None, t, cfg);
+            }
+        }
+    }
+    for farm in state.farms.values() {
+        if farm.state == FarmState::Up && matches!(farm.mode, Mode::Dsr | Mode::Stlsdnat) {
+            netdev::render_farm(state, farm, slots, net, cfg, &mut rs, &mut notes);
+        }
+    }
+    (rs, notes)
+}
+
+/// What one farm adds to the ruleset (nothing for farms that are not up, and for ingress
+/// farms, which [`render_base`] renders): the skeleton's tables with only this farm's
+/// elements in the shared maps, plus the farm's own chains, maps and objects.
+pub fn render_fragment(
+    state: &State,
+    farm: &Farm,
+    slots: &Slots,
+    cfg: &RenderConfig,
+) -> (Ruleset, Vec<Note>) {
+    let mut rs = skeleton(cfg);
+    let mut notes = Vec::new();
+    if farm.state != FarmState::Up {
+        return (rs, notes);
+    }
+    match farm.mode {
+        Mode::Snat | Mode::Dnat => {}
+        Mode::Dsr | Mode::Stlsdnat => return (rs, notes),
+        Mode::Local => {
+            for fam in TableFamily::ALL {
+                let table = rs.tables.get_mut(&fam).expect("skeleton tables exist");
+                render_local(state, farm, fam, table);
+            }
+            return (rs, notes);
+        }
+    }
+    let unserved = unserved_keys(farm);
+    if !unserved.is_empty() {
+        notes.push((
+            farm.name.clone(),
+            format!(
+                "Farm '{}': {} stored but not enforced by this version",
+                farm.name,
+                unserved.join(", ")
+            ),
+        ));
+    }
+    let Some(slot) = slots.get(&farm.name) else {
+        notes.push((
+            farm.name.clone(),
+            format!("Farm '{}' has no scheduling slot", farm.name),
+        ));
+        return (rs, notes);
+    };
+    let statuses = state.backend_statuses(farm);
+    for fam in TableFamily::ALL {
+        let table = rs.tables.get_mut(&fam).expect("skeleton tables exist");
+        render_farm(state, farm, &statuses, slot, fam, cfg, table);
+        let fchain = filter::farm(state, farm, fam, table);
+        for a in state.farm_addresses(farm) {
+            filter::address_entries(state, a, fam, fchain.as_deref(), table, cfg);
+        }
+    }
+    (rs, notes)
+}
+
+/// Adds a fragment to a ruleset: its elements join the shared maps, its own maps and
+/// chains are added.
+pub fn merge_into(rs: &mut Ruleset, frag: &Ruleset) {
+    for (fam, ft) in &frag.tables {
+        let t = rs.tables.entry(*fam).or_default();
+        for (name, m) in &ft.maps {
+            match t.maps.get_mut(name) {
+                Some(existing) => existing
+                    .elements
+                    .extend(m.elements.iter().map(|(k, v)| (k.clone(), v.clone()))),
+                None => {
+                    t.maps.insert(name.clone(), m.clone());
+                }
+            }
+        }
+        for (name, c) in &ft.chains {
+            t.chains.entry(name.clone()).or_insert_with(|| c.clone());
+        }
+    }
+}
+
+/// Takes a fragment out of a ruleset (the inverse of [`merge_into`]); `shared` names the
+/// objects that are not the fragment's own (the skeleton).
+pub fn remove_from(rs: &mut Ruleset, frag: &Ruleset, shared: &Ruleset) {
+    for (fam, ft) in &frag.tables {
+        let (Some(t), Some(st)) = (rs.tables.get_mut(fam), shared.tables.get(fam)) else {
+            continue;
+        };
+        for (name, m) in &ft.maps {
+            if st.maps.contains_key(name) {
+                if let Some(existing) = t.maps.get_mut(name) {
+                    for k in m.elements.keys() {
+                        existing.elements.remove(k);
+                    }
+                }
+            } else {
+                t.maps.remove(name);
+            }
+        }
+        for name in ft.chains.keys() {
+            if !st.chains.contains_key(name) {
+                t.chains.remove(name);
+            }
+        }
+    }
+}
+
+/// Renders the whole state: the base and every farm's fragment. Also returns notes about
+/// settings that are accepted but not rendered. Every farm must have a slot (see
+/// [`Slots::sync`]).
 pub fn render(
     state: &State,
     slots: &Slots,
     net: &NetView,
     cfg: &RenderConfig,
 ) -> (Ruleset, Vec<Note>) {
-    let mut rs = Ruleset::default();
-    let mut notes = Vec::new();
-    for fam in TableFamily::ALL {
-        let mut t = base_table(fam, cfg);
-        filter::policies(state, fam, &mut t);
-        // Standalone addresses with policies: a pure ingress firewall.
-        for a in state.addresses.values() {
-            if !a.policies.is_empty() && state.address_used(&a.name) == 0 {
-                filter::address_entries(state, a, fam, None, &mut t, cfg);
-            }
-        }
-        rs.tables.insert(fam, t);
-    }
+    let (mut rs, mut notes) = render_base(state, slots, net, cfg);
     for farm in state.farms.values() {
-        if farm.state != FarmState::Up {
-            continue;
-        }
-        match farm.mode {
-            Mode::Snat | Mode::Dnat => {}
-            Mode::Dsr | Mode::Stlsdnat => {
-                netdev::render_farm(state, farm, slots, net, cfg, &mut rs, &mut notes);
-                continue;
-            }
-            Mode::Local => {
-                for fam in TableFamily::ALL {
-                    let table = rs.tables.get_mut(&fam).expect("base tables exist");
-                    render_local(state, farm, fam, table);
-                }
-                continue;
-            }
-        }
-        let unserved = unserved_keys(farm);
-        if !unserved.is_empty() {
-            notes.push((
-                farm.name.clone(),
-                format!(
-                    "Farm '{}': {} stored but not enforced by this version",
-                    farm.name,
-                    unserved.join(", ")
-                ),
-            ));
-        }
-        let Some(slot) = slots.get(&farm.name) else {
-            notes.push((
-                farm.name.clone(),
-                format!("Farm '{}' has no scheduling slot", farm.name),
-            ));
-            continue;
-        };
-        let statuses = state.backend_statuses(farm);
-        for fam in TableFamily::ALL {
-            let table = rs.tables.get_mut(&fam).expect("base tables exist");
-            render_farm(state, farm, &statuses, slot, fam, cfg, table);
-            let fchain = filter::farm(state, farm, fam, table);
-            for a in state.farm_addresses(farm) {
-                filter::address_entries(state, a, fam, fchain.as_deref(), table, cfg);
-            }
-        }
+        let (frag, n) = render_fragment(state, farm, slots, cfg);
+        merge_into(&mut rs, &frag);
+        notes.extend(n);
     }
     (rs, notes)
 }
