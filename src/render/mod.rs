@@ -554,15 +554,20 @@ pub fn render_base(
 }
 
 /// What one farm adds to the ruleset (nothing for farms that are not up, and for ingress
-/// farms, which [`render_base`] renders): the skeleton's tables with only this farm's
-/// elements in the shared maps, plus the farm's own chains, maps and objects.
+/// farms, which [`render_base`] renders): this farm's elements of the shared maps, plus
+/// its own chains, maps and objects. Merge it into the skeleton (or a full ruleset).
 pub fn render_fragment(
     state: &State,
     farm: &Farm,
     slots: &Slots,
     cfg: &RenderConfig,
 ) -> (Ruleset, Vec<Note>) {
-    let mut rs = skeleton(cfg);
+    // Empty tables, not the skeleton: shared maps appear only with this farm's elements
+    // (see `insert`), which keeps fragments small and cheap to build.
+    let mut rs = Ruleset::default();
+    for fam in TableFamily::ALL {
+        rs.tables.insert(fam, Table::default());
+    }
     let mut notes = Vec::new();
     if farm.state != FarmState::Up {
         return (rs, notes);
@@ -572,7 +577,7 @@ pub fn render_fragment(
         Mode::Dsr | Mode::Stlsdnat => return (rs, notes),
         Mode::Local => {
             for fam in TableFamily::ALL {
-                let table = rs.tables.get_mut(&fam).expect("skeleton tables exist");
+                let table = rs.tables.get_mut(&fam).expect("fragment tables exist");
                 render_local(state, farm, fam, table);
             }
             return (rs, notes);
@@ -598,7 +603,7 @@ pub fn render_fragment(
     };
     let statuses = state.backend_statuses(farm);
     for fam in TableFamily::ALL {
-        let table = rs.tables.get_mut(&fam).expect("skeleton tables exist");
+        let table = rs.tables.get_mut(&fam).expect("fragment tables exist");
         render_farm(state, farm, &statuses, slot, fam, cfg, table);
         let fchain = filter::farm(state, farm, fam, table);
         for a in state.farm_addresses(farm) {
@@ -721,10 +726,17 @@ fn unserved_keys(f: &Farm) -> Vec<&'static str> {
     out
 }
 
+/// Adds an element to a shared map. A fragment's tables start empty: the entry it creates
+/// here only carries elements and is merged into the skeleton's declaration.
 pub(crate) fn insert(t: &mut Table, map: &str, key: String, value: String) {
     t.maps
-        .get_mut(map)
-        .expect("base map exists")
+        .entry(map.to_string())
+        .or_insert_with(|| MapDef {
+            kind: "map",
+            spec: String::new(),
+            elements: BTreeMap::new(),
+            dynamic: false,
+        })
         .elements
         .insert(key, value);
 }
