@@ -405,15 +405,33 @@ impl Engine {
             && next.addresses == self.state.addresses
             && !netinfo::needed(&next)
             && !netinfo::needed(&self.state);
-        let mut slots = self.slots.clone();
+        // The allocation is changed in place (taken out of `self` for the duration), with
+        // an undo record of the touched farms; the full path works on a copy.
         let space = bucket_space(self.cfg.masquerade_mark);
-        if incremental {
+        let slots_undo = self.slots.checkpoint(dirty.iter());
+        let mut slots = if incremental {
+            std::mem::take(&mut self.slots)
+        } else {
+            self.slots.clone()
+        };
+        let synced = if incremental {
             slots.sync_farms(&next, dirty.iter(), space)
         } else {
             slots.sync(&next, space)
+        };
+        if let Err(e) = synced {
+            if incremental {
+                slots_undo.restore(&mut slots);
+                self.slots = slots;
+            }
+            return Err(Failure::new(400, "error parsing buffer", e));
         }
-        .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
-        let unchanged = next == self.state && slots == self.slots;
+        let unchanged = next == self.state
+            && if incremental {
+                !slots_undo.changed(&slots)
+            } else {
+                slots == self.slots
+            };
         let next_seq = if self.store.is_some() && !unchanged {
             self.seq + 1
         } else {
@@ -465,8 +483,13 @@ impl Engine {
         let mut tx = plan(&old_part, &new_part);
         // Persistence entries that point at backends which can no longer carry flows
         // (down, deleted, invalid) go in the same transaction.
+        let old_slots = if incremental {
+            slots_undo.old_slots()
+        } else {
+            self.slots.clone()
+        };
         tx.commands
-            .extend(self.stale_session_deletes(&next, &new_part, &dirty));
+            .extend(self.stale_session_deletes(&next, &new_part, &dirty, &old_slots));
         let t2 = Instant::now();
         // The whole new ruleset, built only when needed (a failure, or the full path).
         let whole = |me: &Self| -> Ruleset {
@@ -497,6 +520,10 @@ impl Engine {
                     let back = self.ruleset.clone();
                     if let Err(e3) = self.resync_kernel(&back) {
                         tracing::error!("cannot restore the previous ruleset: {e3}");
+                    }
+                    if incremental {
+                        slots_undo.restore(&mut slots);
+                        self.slots = slots;
                     }
                     return Err(kernel_failure(&e, &e2));
                 }
@@ -557,6 +584,10 @@ impl Engine {
                     tracing::error!("cannot undo after a store failure: {ke}");
                     let back = self.ruleset.clone();
                     let _ = self.resync_kernel(&back);
+                }
+                if incremental {
+                    slots_undo.restore(&mut slots);
+                    self.slots = slots;
                 }
                 return Err(Failure::new(500, "error saving state", e));
             }
@@ -682,6 +713,7 @@ impl Engine {
         next: &State,
         rs: &Ruleset,
         dirty: &[String],
+        old_slots: &Slots,
     ) -> Vec<String> {
         let natable = |st: &State, f: &Farm| -> Vec<String> {
             f.backends
@@ -718,7 +750,6 @@ impl Engine {
         if old_state.farms.is_empty() {
             return out;
         }
-        let old_slots = self.slots.clone();
         for name in dirty {
             let Some(old_farm) = old_state.farms.get(name) else {
                 continue;
@@ -749,7 +780,7 @@ impl Engine {
                         .collect::<Vec<_>>()
                 })
                 .collect();
-            for s in self.dynamic_sessions(&old_state, &old_slots, name) {
+            for s in self.dynamic_sessions(&old_state, old_slots, name) {
                 // Only maps that survive the change; a replaced map goes away whole.
                 let kept = rs
                     .tables
@@ -1702,6 +1733,7 @@ mod tests {
         req(&mut e, "POST", "/farms", FARM);
         let before = e.state().clone();
         let before_rs = e.ruleset.clone();
+        let before_slots = e.slots.clone();
         e.kernel = Box::new(FakeKernel {
             failures: 3,
             ..Default::default()
@@ -1716,6 +1748,7 @@ mod tests {
         assert!(r.body.contains("Operation not supported"), "{}", r.body);
         assert_eq!(e.state(), &before);
         assert_eq!(e.ruleset, before_rs);
+        assert_eq!(e.slots, before_slots);
         // One failure only (say our table was deleted by hand): the resync heals it.
         e.kernel = Box::new(FakeKernel {
             failures: 1,

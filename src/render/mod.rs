@@ -78,7 +78,57 @@ pub fn bucket_space(masquerade_mark: u32) -> u64 {
     1u64 << masquerade_mark.trailing_zeros().min(32)
 }
 
+/// The blocks of some farms and the allocator, as they were before a change, so that a
+/// failed change can put them back without copying every farm's block.
+#[derive(Debug, Clone)]
+pub struct SlotsUndo {
+    entries: Vec<(String, Option<Slot>)>,
+    free: BTreeMap<u32, Vec<u32>>,
+    next: u64,
+}
+
+impl SlotsUndo {
+    /// Puts the recorded blocks and allocator back.
+    pub fn restore(&self, slots: &mut Slots) {
+        for (name, slot) in &self.entries {
+            slots.set_entry(name, slot.clone());
+        }
+        slots.free = self.free.clone();
+        slots.next = self.next;
+    }
+
+    /// Whether `slots` differs from what was recorded.
+    pub fn changed(&self, slots: &Slots) -> bool {
+        self.free != slots.free
+            || self.next != slots.next
+            || self
+                .entries
+                .iter()
+                .any(|(n, s)| slots.by_farm.get(n) != s.as_ref())
+    }
+
+    /// The recorded blocks as a `Slots` of their own (to look up the old identities).
+    pub fn old_slots(&self) -> Slots {
+        let mut s = Slots::default();
+        for (n, slot) in &self.entries {
+            s.set_entry(n, slot.clone());
+        }
+        s
+    }
+}
+
 impl Slots {
+    /// Records the named farms' blocks and the allocator (see [`SlotsUndo`]).
+    pub fn checkpoint<'a>(&self, names: impl Iterator<Item = &'a String>) -> SlotsUndo {
+        SlotsUndo {
+            entries: names
+                .map(|n| (n.clone(), self.by_farm.get(n).cloned()))
+                .collect(),
+            free: self.free.clone(),
+            next: self.next,
+        }
+    }
+
     /// Sets (or with `None` removes) one farm's block, as recorded in the journal.
     pub fn set_entry(&mut self, farm: &str, slot: Option<Slot>) {
         match slot {
