@@ -60,8 +60,8 @@ gen() {
   local f b sep=""
   printf '{"farms":['
   for ((f = 0; f < FARMS; f++)); do
-    printf '%s{"name":"f%d","family":"ipv4","virtual-addr":"198.18.%d.%d","virtual-ports":"80","protocol":"tcp","mode":"dnat","scheduler":"weight","state":"up","backends":[' \
-      "$sep" "$f" $((f / 250)) $((f % 250 + 1))
+    printf '%s{"name":"f%d","family":"ipv4","virtual-addr":"198.%d.%d.%d","virtual-ports":"80","protocol":"tcp","mode":"dnat","scheduler":"weight","state":"up","backends":[' \
+      "$sep" "$f" $((18 + f / 64000)) $((f / 250 % 256)) $((f % 250 + 1))
     local bsep=""
     for ((b = 0; b < BACKENDS; b++)); do
       printf '%s{"name":"b%d","ip-addr":"198.19.%d.%d","weight":"1","state":"up"}' \

@@ -14,8 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{Reply, Request};
 
-/// Largest accepted request body (a 1,000,000-entry blacklist is about 30 MB).
-pub const MAX_BODY: usize = 64 * 1024 * 1024;
+/// Largest accepted request body: a 1,000,000-entry blacklist is about 30 MB, 100,000
+/// farms of 8 backends about 67 MB.
+pub const MAX_BODY: usize = 256 * 1024 * 1024;
 
 /// A request for the writer thread with the channel for its answer.
 pub type Job = (Request, oneshot::Sender<Reply>);

@@ -266,7 +266,7 @@ fn http_keep_alive_chunked_bodies_and_json_content_type() {
 fn oversized_body_is_refused_with_4xx() {
     let ns = Ns::new();
     let _d = Daemon::start(&ns, &["-k", "k"], None);
-    let big = write_tmp("big.json", &" ".repeat(65 * 1024 * 1024));
+    let big = write_tmp("big.json", &" ".repeat(257 * 1024 * 1024));
     let at = format!("@{}", big.display());
     let (code, _) = curl(
         &ns,
