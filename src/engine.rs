@@ -535,10 +535,13 @@ impl Engine {
             let seq = next_seq;
             // A journal entry with just the changed objects, unless the journal has grown
             // past the snapshot (then a new snapshot) or the change reorders objects.
-            let entry = journal_entry(&self.state, &next, &self.slots, &slots, seq).filter(|e| {
-                self.snapshot_bytes > 0
-                    && self.journal_bytes + e.len() <= self.snapshot_bytes.max(1 << 20)
-            });
+            // Small changes go to the journal; a change of many farms (or the first save)
+            // writes a snapshot directly, without building a journal entry first.
+            let small = self.snapshot_bytes > 0 && dirty.len() <= 1000.max(next.farms.len() / 10);
+            let entry = small
+                .then(|| journal_entry(&self.state, &next, &self.slots, &slots, seq))
+                .flatten()
+                .filter(|e| self.journal_bytes + e.len() <= self.snapshot_bytes.max(1 << 20));
             let saved = match &entry {
                 Some(e) => store.append(e.as_bytes()).map(|_| e.len()),
                 None => {
