@@ -121,3 +121,43 @@ fn symhash_distributes_flows() {
     // symhash hashes the flow (ports included): 40 flows all on one backend is ~2^-39.
     assert_eq!(c.len(), 2, "symhash used only {c:?}");
 }
+
+#[test]
+fn hash_moves_only_the_flows_of_a_removed_backend() {
+    // Consistent hashing: taking one of 4 backends out moves only its clients; every
+    // other client stays where it was (with `jhash mod N` most of them would move).
+    let lab = Lab::new(4);
+    lab.add_vip(VIP);
+    lab.serve_tcp(80);
+    let clients: Vec<String> = (10..42).map(|i| format!("198.18.0.{i}")).collect();
+    for c in &clients {
+        lab.add_client_addr(c);
+    }
+    let d = Daemon::start(&lab.lb);
+    d.apply(&web("hash", &[("sched-param", "srcip")], v4_backends(4)));
+    let owner = |c: &str| -> String {
+        let n = names(&lab.tcp_many_from(c, VIP, 80, 1));
+        n[0].clone()
+    };
+    let before: Vec<String> = clients.iter().map(|c| owner(c)).collect();
+    let gone = before[0].clone();
+    d.apply(&backend_patch("web", &gone, "state", "down"));
+    let after: Vec<String> = clients.iter().map(|c| owner(c)).collect();
+    let mut moved = 0;
+    for (i, c) in clients.iter().enumerate() {
+        if before[i] == gone {
+            assert_ne!(after[i], gone, "client {c} still on the down backend");
+            moved += 1;
+        } else {
+            assert_eq!(
+                after[i], before[i],
+                "client {c} moved although its backend stayed"
+            );
+        }
+    }
+    assert!(
+        (1..clients.len()).contains(&moved),
+        "moved {moved} of {}",
+        clients.len()
+    );
+}

@@ -557,12 +557,55 @@ fn picks<'a>(farm: &'a Farm, statuses: &[BackendStatus], fam: TableFamily) -> (V
 
 /// The largest number of buckets a farm needs in any family.
 fn buckets_needed(state: &State, farm: &Farm) -> u32 {
+    if let Some(b) = hash_buckets(farm) {
+        return b;
+    }
     let statuses = state.backend_statuses(farm);
     TableFamily::ALL
         .iter()
         .map(|fam| picks(farm, &statuses, *fam).1)
         .max()
         .unwrap_or(0)
+}
+
+/// The fixed bucket count of a hashing farm (`hash`, `symhash`): at least 8 per backend
+/// (counting every backend, so that states do not change it) and 64, a power of two.
+/// Buckets go to backends by weighted rendezvous hashing, so adding or removing a backend
+/// moves only about its share of the flows, and a backend change never changes the rule.
+fn hash_buckets(farm: &Farm) -> Option<u32> {
+    matches!(farm.scheduler, Scheduler::Hash | Scheduler::Symhash).then(|| {
+        (8 * farm.backends.len() as u32)
+            .max(64)
+            .min(1 << 16)
+            .next_power_of_two()
+    })
+}
+
+/// FNV-1a over a string and a bucket number, mapped into (0, 1).
+fn unit_hash(name: &str, bucket: u32) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes().chain(bucket.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // Finalise (FNV's low bits mix poorly), then take 53 bits.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+/// Weighted rendezvous: the backend (index into `picks`) that owns `bucket`.
+fn rendezvous(picks: &[Pick], bucket: u32) -> Option<usize> {
+    picks
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let score = f64::from(p.backend.weight) / -unit_hash(&p.backend.name, bucket).ln();
+            (i, score)
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(i, _)| i)
 }
 
 /// The tables every ruleset has, with no farm in them: base chains and the shared maps,
@@ -878,10 +921,23 @@ fn render_farm(
             }
         }
     }
-    for pk in &picks {
-        if let Some(m) = id_mark(&pk.backend.name) {
-            for b in pk.lo..pk.lo + pk.n {
-                insert(t, "buckets", mark(slot.offset + b), mark(m));
+    let hashed = hash_buckets(farm);
+    match hashed {
+        Some(n) if !picks.is_empty() => {
+            for b in 0..n {
+                let owner = rendezvous(&picks, b).and_then(|i| id_mark(&picks[i].backend.name));
+                if let Some(m) = owner {
+                    insert(t, "buckets", mark(slot.offset + b), mark(m));
+                }
+            }
+        }
+        _ => {
+            for pk in &picks {
+                if let Some(m) = id_mark(&pk.backend.name) {
+                    for b in pk.lo..pk.lo + pk.n {
+                        insert(t, "buckets", mark(slot.offset + b), mark(m));
+                    }
+                }
             }
         }
     }
@@ -925,7 +981,7 @@ fn render_farm(
     if total > 0 {
         rules.push(format!(
             "ct mark set {} offset {}",
-            sched_expr(farm, fam, total),
+            sched_expr(farm, fam, hashed.unwrap_or(total)),
             mark(slot.offset)
         ));
         rules.push("jump sched".to_string());
@@ -1114,6 +1170,37 @@ mod tests {
             t.contains("add element ip nftlb fwdmarks { 0x80000010 : goto forward-f }"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn consistent_hashing_moves_only_the_removed_backends_flows() {
+        let backends: Vec<serde_json::Value> = (0..10)
+            .map(|i| json!({"name": format!("b{i}"), "ip-addr": format!("198.18.1.{}", i + 1)}))
+            .collect();
+        let before = state(json!({"farms":[{"name":"h","virtual-addr":"198.18.0.1",
+            "virtual-ports":"80","scheduler":"hash","backends":backends}]}));
+        let mut after = before.clone();
+        std::sync::Arc::make_mut(&mut after.farms[0]).backends[3].state = BackendState::Down;
+        let sl = slots(&before);
+        let owners = |st: &State| -> BTreeMap<String, String> {
+            render(st, &sl, &NetView::default(), &CFG).0.tables[&TableFamily::Ip].maps["buckets"]
+                .elements
+                .clone()
+        };
+        let (a, b) = (owners(&before), owners(&after));
+        assert_eq!(a.len(), 128, "8 buckets per backend, a power of two");
+        let moved = a.iter().filter(|(k, v)| b.get(*k) != Some(*v)).count();
+        let b3 = a.values().filter(|v| v.ends_with("13")).count();
+        // Exactly the buckets of the backend that went down move; each backend has about
+        // a tenth of them.
+        assert_eq!(moved, b3, "{a:?}\n{b:?}");
+        assert!((6..=22).contains(&b3), "b3 owns {b3} of 128 buckets");
+        // And the farm's rule does not change.
+        let rule = |st: &State| {
+            render(st, &sl, &NetView::default(), &CFG).0.tables[&TableFamily::Ip].chains["farm-h"]
+                .clone()
+        };
+        assert_eq!(rule(&before), rule(&after));
     }
 
     #[test]
