@@ -575,8 +575,7 @@ fn buckets_needed(state: &State, farm: &Farm) -> u32 {
 fn hash_buckets(farm: &Farm) -> Option<u32> {
     matches!(farm.scheduler, Scheduler::Hash | Scheduler::Symhash).then(|| {
         (8 * farm.backends.len() as u32)
-            .max(64)
-            .min(1 << 16)
+            .clamp(64, 1 << 16)
             .next_power_of_two()
     })
 }
