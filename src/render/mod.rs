@@ -557,7 +557,7 @@ fn picks<'a>(farm: &'a Farm, statuses: &[BackendStatus], fam: TableFamily) -> (V
 
 /// The largest number of buckets a farm needs in any family.
 fn buckets_needed(state: &State, farm: &Farm) -> u32 {
-    if let Some(b) = hash_buckets(farm) {
+    if let Some(b) = hash_buckets(farm).or_else(|| weight_buckets(farm)) {
         return b;
     }
     let statuses = state.backend_statuses(farm);
@@ -578,6 +578,42 @@ fn hash_buckets(farm: &Farm) -> Option<u32> {
             .clamp(64, 1 << 16)
             .next_power_of_two()
     })
+}
+
+/// The fixed bucket count of a `weight` farm: room for every backend's weight (counting
+/// every backend, so that states do not change it), at least 2 per backend and 16, a power
+/// of two (at most 1024). With a fixed count a backend change only repoints buckets; the
+/// rule stays as it is.
+fn weight_buckets(farm: &Farm) -> Option<u32> {
+    (farm.scheduler == Scheduler::Weight).then(|| {
+        let g = farm.backends.iter().fold(0, |g, b| gcd(g, b.weight)).max(1);
+        let sum: u32 = farm.backends.iter().map(|b| b.weight / g).sum();
+        sum.max(2 * farm.backends.len() as u32)
+            .clamp(16, 1024)
+            .next_power_of_two()
+    })
+}
+
+/// Splits `n` buckets among `picks` in proportion to their weights (largest remainder),
+/// in contiguous runs; returns each pick's count.
+fn proportional(picks: &[Pick], n: u32) -> Vec<u32> {
+    let total: u64 = picks.iter().map(|p| u64::from(p.backend.weight)).sum();
+    if total == 0 {
+        return vec![0; picks.len()];
+    }
+    let mut counts: Vec<u32> = Vec::with_capacity(picks.len());
+    let mut rems: Vec<(u64, usize)> = Vec::with_capacity(picks.len());
+    for (i, p) in picks.iter().enumerate() {
+        let exact = u64::from(n) * u64::from(p.backend.weight);
+        counts.push((exact / total) as u32);
+        rems.push((exact % total, i));
+    }
+    let given: u32 = counts.iter().sum();
+    rems.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (_, i) in rems.into_iter().take((n - given) as usize) {
+        counts[i] += 1;
+    }
+    counts
 }
 
 /// FNV-1a over a string and a bucket number, mapped into (0, 1).
@@ -920,8 +956,19 @@ fn render_farm(
             }
         }
     }
-    let hashed = hash_buckets(farm);
+    let hashed = hash_buckets(farm).or_else(|| weight_buckets(farm));
     match hashed {
+        Some(n) if !picks.is_empty() && farm.scheduler == Scheduler::Weight => {
+            let mut b = 0;
+            for (pk, count) in picks.iter().zip(proportional(&picks, n)) {
+                if let Some(m) = id_mark(&pk.backend.name) {
+                    for _ in 0..count {
+                        insert(t, "buckets", mark(slot.offset + b), mark(m));
+                        b += 1;
+                    }
+                }
+            }
+        }
         Some(n) if !picks.is_empty() => {
             for b in 0..n {
                 let owner = rendezvous(&picks, b).and_then(|i| id_mark(&picks[i].backend.name));
@@ -1200,6 +1247,39 @@ mod tests {
                 .clone()
         };
         assert_eq!(rule(&before), rule(&after));
+    }
+
+    #[test]
+    fn weight_farms_keep_their_rule_when_a_backend_changes() {
+        let before = state(json!({"farms":[{"name":"w","virtual-addr":"198.18.0.1",
+            "virtual-ports":"80","scheduler":"weight","backends":[
+            {"name":"a","ip-addr":"198.18.1.1","weight":"1"},
+            {"name":"b","ip-addr":"198.18.1.2","weight":"3"},
+            {"name":"c","ip-addr":"198.18.1.3","weight":"4"}]}]}));
+        let mut after = before.clone();
+        std::sync::Arc::make_mut(&mut after.farms[0]).backends[2].state = BackendState::Down;
+        let sl = slots(&before);
+        let r = |st: &State| render(st, &sl, &NetView::default(), &CFG).0;
+        let (a, b) = (r(&before), r(&after));
+        let ip = |rs: &Ruleset| rs.tables[&TableFamily::Ip].clone();
+        assert_eq!(ip(&a).chains["farm-w"], ip(&b).chains["farm-w"]);
+        assert!(ip(&a).chains["farm-w"].rules[0].contains("numgen random mod 16 "));
+        let count = |rs: &Ruleset, m: &str| {
+            ip(rs).maps["buckets"]
+                .elements
+                .values()
+                .filter(|v| v.ends_with(m))
+                .count()
+        };
+        // 16 buckets by weight 1:3:4, then 1:3 once c is down.
+        assert_eq!(
+            (count(&a, "10"), count(&a, "11"), count(&a, "12")),
+            (2, 6, 8)
+        );
+        assert_eq!(
+            (count(&b, "10"), count(&b, "11"), count(&b, "12")),
+            (4, 12, 0)
+        );
     }
 
     #[test]
