@@ -70,11 +70,12 @@ case "$TIER" in
     CHANGE_SECONDS=30 ;;
   full)
     OURS_N=${OURS_N:-"1 1000 10000 100000"}; CMP_N=${CMP_N:-"1 1000 10000"}
-    ORIG_N="1 1000"; HAPROXY_N="1 1000"; DSR_N="1 1000 10000"
+    ORIG_N=${ORIG_N:-"1 1000"}; HAPROXY_N=${HAPROXY_N:-"1 1000"}; DSR_N=${DSR_N:-"1 1000 10000"}
     RATE=1000; PROBES=10000; WARMUP=500; CHANGES=400; ORIG_CHANGES=60; CLI_CHANGES=40
     BULK_BYTES=$((4 << 30)); BL_ELEMENTS=1000000; BL_AT="100000"
     RESTART_AT="1000 10000 100000"; CHANGE_SECONDS=90 ;;
 esac
+DSR_APPLY_TIMEOUT=${DSR_APPLY_TIMEOUT:-180}
 ORIG_M=2 # the original cannot hold more than 4,095 backends in total
 
 want() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
@@ -228,13 +229,15 @@ rec() { echo --record "$J" --meta "sys=$SYS" --meta "n=$N" --meta "m=$MM" --meta
 
 vip_of() { "$BENCH" vip $(($1 - 1)); }
 
-probe() { # probe VARIANT ADDR PORT [min-backends]: new-connection latency
-  local variant=$1 a=$2 p=$3 minb=${4:-0}
+probe() { # probe VARIANT ADDR PORT [MIN-BACKENDS [ALSO]]: new-connection latency
+  # ALSO (addr:port) is probed in alternation with ADDR:PORT, under the same conditions.
+  local variant=$1 a=$2 p=$3 minb=${4:-0} also=()
+  [ -n "${5:-}" ] && also=(--also "$5")
   ip netns exec "$LB" conntrack -F > /dev/null 2>&1 || true
   # shellcheck disable=SC2046
   m taskset -c 0 ip netns exec "$CLI" "$BENCH" $(rec --meta test=connect --meta "variant=$variant") \
     connect --addr "$a" --port "$p" --rate "$RATE" --count "$PROBES" --warmup "$WARMUP" \
-    --timeout-ms 2000 --min-backends "$minb"
+    --timeout-ms 2000 --min-backends "$minb" "${also[@]}"
 }
 
 bulk() { # bulk ADDR PORT
@@ -266,7 +269,7 @@ daemon_case() { # daemon_case ours|orig N M
   N=$2 MM=$3
   file=$(farms_file "$N" "$MM")
   if [ "$which" = ours ]; then SYS=nftlb-rs bin=$NFTLB; else SYS=nftlb-orig bin=$ORIG; fi
-  local tag="$SYS-$N-$MM"
+  local tag="$SYS-$N-$MM" va vp
   log "$SYS: $N farms x $MM backends"
 
   # C1: cold apply with -e -c FILE (process start to exit), in a scratch namespace.
@@ -290,7 +293,14 @@ daemon_case() { # daemon_case ours|orig N M
   local dpid=$LASTPID
   wait_api 60
   # shellcheck disable=SC2046
-  m ip netns exec "$LB" "$BENCH" $(rec --meta test=apply_api) post --key "$KEY" --file "$file" --timeout-s 900
+  if ! ip netns exec "$LB" "$BENCH" $(rec --meta test=apply_api) post --key "$KEY" --file "$file" \
+    --timeout-s 900 > /dev/null; then
+    FAILS=$((FAILS + 1))
+    note "$SYS with $N farms: the API apply failed; the rest of this case was skipped"
+    stop_pid "$dpid"
+    topo_down
+    return 0
+  fi
   read -r va vp <<< "$(vip_of "$N")"
   path_ok "$va" "$vp"
 
@@ -302,8 +312,9 @@ daemon_case() { # daemon_case ours|orig N M
     --farms "$N" --count "$count" --ops add,down,up,remove --max-seconds "$CHANGE_SECONDS"
 
   # D4, D1 to the last farm.
-  local minb=2
-  probe "" "$va" "$vp" "$minb"
+  # The last farm, and in alternation a backend directly (through the same LB: routing
+  # and conntrack, no NAT), so the two compare under the same conditions.
+  probe "" "$va" "$vp" 2 198.19.0.1:8080
   bulk "$va" "$vp"
   "$BENCH" $(rec --meta test=rss) record "vmhwm_kb=$(awk '/VmHWM/{print $2}' /proc/$dpid/status)" > /dev/null
 
@@ -352,14 +363,16 @@ blacklist_test() { # blacklist_test VIP PORT
   local va=$1 vp=$2 bl=$TMP/blacklist.json
   log "  blacklist of $BL_ELEMENTS networks on farm f$((N - 1))"
   [ -s "$bl" ] || "$BENCH" gen blacklist --elements "$BL_ELEMENTS" --out "$bl"
-  probe prebl "$va" "$vp" 2
   # shellcheck disable=SC2046
   m ip netns exec "$LB" "$BENCH" $(rec --meta test=bl_load --meta "elements=$BL_ELEMENTS") \
     post --key "$KEY" --path /policies --file "$bl" --timeout-s 900
   # shellcheck disable=SC2046
   m ip netns exec "$LB" "$BENCH" $(rec --meta test=bl_attach) post --key "$KEY" \
     --body "{\"farms\":[{\"name\":\"f$((N - 1))\",\"policies\":[{\"name\":\"bl\"}]}]}" --timeout-s 300
-  probe bl "$va" "$vp" 2
+  # The farm with the blacklist, and in alternation the farm before it (no blacklist).
+  local prev
+  prev=$(vip_of $((N - 1)) | tr ' ' ':')
+  probe bl "$va" "$vp" 2 "$prev"
 }
 
 rules_case() { # rules_case kube-nft|ipt-legacy|ipt-nft N
@@ -380,7 +393,7 @@ rules_case() { # rules_case kube-nft|ipt-legacy|ipt-nft N
   # shellcheck disable=SC2046
   m taskset -c 0 ip netns exec "$LB" "$BENCH" $(rec --meta test=changes) cli-changes --kind "$SYS" \
     --n "$N" --m "$MM" --count "$CLI_CHANGES" --max-seconds "$CHANGE_SECONDS" --dir "$TMP"
-  probe "" "$va" "$vp" 2
+  probe "" "$va" "$vp" 2 198.19.0.1:8080
   bulk "$va" "$vp"
   rm -f "$file"
   topo_down
@@ -497,10 +510,17 @@ dsr_case() { # dsr_case N: ours in dsr mode, the same flat topology as the netde
   flat_up
   bg "$OUT/logs/$SYS-$N-daemon.log" taskset -c 1 ip netns exec "$LB" "$NFTLB" -k "$KEY" -H 127.0.0.1 \
     -P 5555 -L 2 -l 3 --state-file "$TMP/state-$CASE.json"
-  local dpid=$LASTPID
+  local dpid=$LASTPID va vp
   wait_api 60
   # shellcheck disable=SC2046
-  m ip netns exec "$LB" "$BENCH" $(rec --meta test=apply_api) post --key "$KEY" --file "$file" --timeout-s 900
+  if ! ip netns exec "$LB" "$BENCH" $(rec --meta test=apply_api) post --key "$KEY" --file "$file" \
+    --timeout-s "$DSR_APPLY_TIMEOUT" > /dev/null; then
+    FAILS=$((FAILS + 1))
+    note "$SYS with $N farms: the API apply failed or took more than $DSR_APPLY_TIMEOUT s; the rest of this case was skipped"
+    stop_pid "$dpid"
+    flat_down
+    return 0
+  fi
   read -r va vp <<< "$(vip_of "$N")"
   path_ok "$va" "$vp"
   probe "" "$va" "$vp" 0
@@ -510,7 +530,7 @@ dsr_case() { # dsr_case N: ours in dsr mode, the same flat topology as the netde
 }
 
 # ------------------------------------------------------------------ run
-GIT=$(git rev-parse --short HEAD 2> /dev/null || echo '?')
+GIT=${BENCH_GIT:-$(git rev-parse --short HEAD 2> /dev/null || echo "?")}
 [ -n "$(git status --porcelain --untracked-files=no 2> /dev/null)" ] && GIT="$GIT+dirty"
 SYS="" N=0 MM=0
 "$BENCH" --record "$J" --meta test=info record "tier=$TIER" "date=$(date -u +%Y-%m-%dT%H:%MZ)" \
@@ -526,7 +546,7 @@ if want floors; then
   floor_case route
   floor_case ct
   floor_netdev_case
-  note "floor-netdev and nftlb-rs-dsr run on a flat layer-2 topology (client, LB and backends on one bridge, replies straight from the backend to the client); the other systems on the routed one (cli - lb - be)."
+  note "floor-netdev and nftlb-rs-dsr run on a flat layer-2 topology (client, LB and backends on one bridge, replies straight from the backend to the client); the other systems on the routed one (cli - lb - be). The dsr farms' 8 backends share one namespace and so one MAC: the daemon sends everything to one of them (it says so in its answer), which does not change the per-packet work."
 fi
 if want ours; then
   for n in $OURS_N; do daemon_case ours "$n" "$M"; done

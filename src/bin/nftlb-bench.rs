@@ -91,6 +91,10 @@ enum Cmd {
         /// The result is not ok unless this many distinct backends answered
         #[arg(long, default_value_t = 0)]
         min_backends: usize,
+        /// A second target (ADDR:PORT), probed in alternation with the first under the
+        /// same conditions; its results are the alt_* fields (COUNT each)
+        #[arg(long)]
+        also: Option<SocketAddrV4>,
     },
     /// Bulk throughput: BYTES over STREAMS parallel connections
     Bulk {
@@ -261,8 +265,10 @@ fn main() -> ExitCode {
             timeout_ms,
             connect_only,
             min_backends,
+            also,
         } => connect_probe(
             SocketAddrV4::new(addr, port),
+            also,
             rate,
             count,
             warmup,
@@ -559,6 +565,7 @@ struct Conn {
     start: Instant,
     connected: Option<Duration>,
     counted: bool,
+    t: usize,
 }
 
 fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
@@ -576,8 +583,17 @@ fn errno() -> i32 {
     io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
+#[derive(Default)]
+struct Stats {
+    conn: Vec<f64>,
+    fb: Vec<f64>,
+    failures: BTreeMap<String, u64>,
+    backends: BTreeMap<u8, u64>,
+}
+
 fn connect_probe(
     target: SocketAddrV4,
+    also: Option<SocketAddrV4>,
     rate: u32,
     count: u32,
     warmup: u32,
@@ -587,7 +603,9 @@ fn connect_probe(
     if rate == 0 || count == 0 {
         return Err("rate and count must be > 0".into());
     }
-    let total = count + warmup;
+    let targets: Vec<SocketAddrV4> = std::iter::once(target).chain(also).collect();
+    let nt = targets.len() as u32;
+    let total = (count + warmup) * nt;
     // SAFETY: the syscalls below operate on descriptors owned by this function; each
     // is closed exactly once (on completion, failure or timeout, or at the end).
     let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -622,7 +640,7 @@ fn connect_probe(
     };
     unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, tfd, &mut ev) };
 
-    let sa = sockaddr_in(target);
+    let sas: Vec<libc::sockaddr_in> = targets.iter().map(|t| sockaddr_in(*t)).collect();
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -631,10 +649,7 @@ fn connect_probe(
     let mut order: VecDeque<u64> = VecDeque::new();
     let mut next_id: u64 = 0;
     let mut started: u32 = 0;
-    let mut conn_lat: Vec<f64> = Vec::with_capacity(count as usize);
-    let mut fb_lat: Vec<f64> = Vec::with_capacity(count as usize);
-    let mut failures: BTreeMap<String, u64> = BTreeMap::new();
-    let mut backends: BTreeMap<u8, u64> = BTreeMap::new();
+    let mut stats: Vec<Stats> = targets.iter().map(|_| Stats::default()).collect();
     let mut behind: u64 = 0; // timer expirations that fired more than once (prober late)
     let t0 = Instant::now();
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
@@ -642,9 +657,9 @@ fn connect_probe(
     let close = |fd: i32| unsafe {
         libc::close(fd);
     };
-    let fail = |c: &Conn, why: &str, failures: &mut BTreeMap<String, u64>| {
+    let fail = |c: &Conn, why: &str, stats: &mut Vec<Stats>| {
         if c.counted {
-            *failures.entry(why.to_string()).or_default() += 1;
+            *stats[c.t].failures.entry(why.to_string()).or_default() += 1;
         }
     };
 
@@ -666,7 +681,7 @@ fn connect_probe(
                         } else {
                             "timeout-connect"
                         },
-                        &mut failures,
+                        &mut stats,
                     );
                     close(c.fd);
                 }
@@ -702,8 +717,9 @@ fn connect_probe(
                     if started >= total {
                         break;
                     }
+                    let t = (started % nt) as usize;
                     started += 1;
-                    let counted = started > warmup;
+                    let counted = started > warmup * nt;
                     let fd = unsafe {
                         libc::socket(
                             libc::AF_INET,
@@ -713,7 +729,10 @@ fn connect_probe(
                     };
                     if fd < 0 {
                         if counted {
-                            *failures.entry(format!("socket-{}", errno())).or_default() += 1;
+                            *stats[t]
+                                .failures
+                                .entry(format!("socket-{}", errno()))
+                                .or_default() += 1;
                         }
                         continue;
                     }
@@ -730,13 +749,16 @@ fn connect_probe(
                     let r = unsafe {
                         libc::connect(
                             fd,
-                            &sa as *const _ as *const libc::sockaddr,
+                            &sas[t] as *const _ as *const libc::sockaddr,
                             std::mem::size_of::<libc::sockaddr_in>() as u32,
                         )
                     };
                     if r < 0 && errno() != libc::EINPROGRESS {
                         if counted {
-                            *failures.entry(format!("connect-{}", errno())).or_default() += 1;
+                            *stats[t]
+                                .failures
+                                .entry(format!("connect-{}", errno()))
+                                .or_default() += 1;
                         }
                         close(fd);
                         continue;
@@ -755,6 +777,7 @@ fn connect_probe(
                             start,
                             connected: None,
                             counted,
+                            t,
                         },
                     );
                     order.push_back(id);
@@ -779,14 +802,14 @@ fn connect_probe(
                 };
                 if err != 0 {
                     let c = slots.remove(&id).unwrap();
-                    fail(&c, &format!("connect-errno-{err}"), &mut failures);
+                    fail(&c, &format!("connect-errno-{err}"), &mut stats);
                     close(c.fd);
                     continue;
                 }
                 let d = now.duration_since(c.start);
                 c.connected = Some(d);
                 if c.counted {
-                    conn_lat.push(d.as_secs_f64() * 1e6);
+                    stats[c.t].conn.push(d.as_secs_f64() * 1e6);
                 }
                 if connect_only {
                     let c = slots.remove(&id).unwrap();
@@ -808,11 +831,12 @@ fn connect_probe(
             let c = slots.remove(&id).unwrap();
             if r > 0 {
                 if c.counted {
-                    fb_lat.push(now.duration_since(c.start).as_secs_f64() * 1e6);
-                    *backends.entry(b[0]).or_default() += 1;
+                    let st = &mut stats[c.t];
+                    st.fb.push(now.duration_since(c.start).as_secs_f64() * 1e6);
+                    *st.backends.entry(b[0]).or_default() += 1;
                 }
             } else {
-                fail(&c, if r == 0 { "eof" } else { "read-error" }, &mut failures);
+                fail(&c, if r == 0 { "eof" } else { "read-error" }, &mut stats);
             }
             close(c.fd);
         }
@@ -822,35 +846,41 @@ fn connect_probe(
         libc::close(tfd);
         libc::close(ep);
     }
-    let failed: u64 = failures.values().sum();
     let mut o = Map::new();
     o.insert("test".into(), json!("connect"));
-    o.insert("target".into(), json!(target.to_string()));
     o.insert("rate".into(), json!(rate));
     o.insert("count".into(), json!(count));
-    o.insert("ok_connect".into(), json!(conn_lat.len()));
-    o.insert("ok_first_byte".into(), json!(fb_lat.len()));
-    o.insert("failed".into(), json!(failed));
-    o.insert("failures".into(), json!(failures));
     o.insert("late_ticks".into(), json!(behind));
     o.insert(
         "achieved_rate".into(),
         json!((total as f64 / elapsed).round()),
     );
-    o.insert(
-        "backends_seen".into(),
-        json!(backends.keys().filter(|k| **k != 0).count()),
-    );
-    o.insert(
-        "backend_counts".into(),
-        json!(backends
-            .iter()
-            .map(|(k, v)| (k.to_string(), *v))
-            .collect::<BTreeMap<_, _>>()),
-    );
-    summary("connect_", "us", conn_lat, &mut o);
-    summary("fb_", "us", fb_lat, &mut o);
-    o.insert("ok".into(), json!(failed == 0));
+    let mut failed_all = 0;
+    for (k, st) in stats.into_iter().enumerate() {
+        let p = if k == 0 { "" } else { "alt_" };
+        let failed: u64 = st.failures.values().sum();
+        failed_all += failed;
+        o.insert(format!("{p}target"), json!(targets[k].to_string()));
+        o.insert(format!("{p}ok_connect"), json!(st.conn.len()));
+        o.insert(format!("{p}ok_first_byte"), json!(st.fb.len()));
+        o.insert(format!("{p}failed"), json!(failed));
+        o.insert(format!("{p}failures"), json!(st.failures));
+        o.insert(
+            format!("{p}backends_seen"),
+            json!(st.backends.keys().filter(|k| **k != 0).count()),
+        );
+        o.insert(
+            format!("{p}backend_counts"),
+            json!(st
+                .backends
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect::<BTreeMap<_, _>>()),
+        );
+        summary(&format!("{p}connect_"), "us", st.conn, &mut o);
+        summary(&format!("{p}fb_"), "us", st.fb, &mut o);
+    }
+    o.insert("ok".into(), json!(failed_all == 0));
     Ok(Value::Object(o))
 }
 
@@ -926,7 +956,11 @@ fn bulk(target: SocketAddrV4, bytes: u64, streams: u32, timeout: Duration) -> Re
         "bytes": total,
         "streams": streams,
         "seconds": secs,
-        "gbps": (total as f64 * 8.0 / secs / 1e9 * 1000.0).round() / 1000.0,
+        "gbps": if err.is_none() {
+            json!((total as f64 * 8.0 / secs / 1e9 * 1000.0).round() / 1000.0)
+        } else {
+            Value::Null
+        },
         "ok": err.is_none(),
         "error": err,
     }))
@@ -1621,6 +1655,7 @@ fn cli_changes(
 
 const SYSTEMS: &[(&str, &str)] = &[
     ("nftlb-rs", "nftlb-rs (ours)"),
+    ("nftlb-rs-dsr", "nftlb-rs dsr (flat L2)"),
     ("nftlb-orig", "nftlb 1.0.7 (Debian)"),
     ("kube-nft", "kube-proxy-style nft"),
     ("ipt-legacy", "iptables-legacy DNAT"),
@@ -1629,7 +1664,6 @@ const SYSTEMS: &[(&str, &str)] = &[
     ("floor-route", "floor: routing only"),
     ("floor-ct", "floor: routing + conntrack"),
     ("floor-netdev", "floor: netdev fwd rule"),
-    ("nftlb-rs-dsr", "nftlb-rs dsr (flat L2)"),
 ];
 
 fn label(sys: &str) -> String {
@@ -1700,7 +1734,8 @@ fn report(dir: &Path) -> Res<()> {
 
     // The blacklist test: probes before (variant prebl) and after (bl) attaching it.
     for t in rows.values_mut() {
-        if let (Some(with), Some(base)) = (t.get("connectbl"), t.get("connectprebl")) {
+        // The probe alternated between the farm with the blacklist and one without.
+        if let Some(with) = t.get("connectbl") {
             let mut b = with.clone();
             for k in [
                 "connect_p50_us",
@@ -1709,7 +1744,8 @@ fn report(dir: &Path) -> Res<()> {
                 "fb_p50_us",
                 "fb_p99_us",
             ] {
-                b[format!("base_{k}")] = base.get(k).cloned().unwrap_or(Value::Null);
+                b[format!("base_{k}")] =
+                    with.get(format!("alt_{k}")).cloned().unwrap_or(Value::Null);
             }
             if let Some(l) = t.get("bl_load") {
                 b["load_s"] = l.get("wall_s").cloned().unwrap_or(Value::Null);
@@ -1741,8 +1777,8 @@ time (SYN to SYN/ACK through the LB); *first byte* adds the backend's accept and
 (the only meaningful one for HAProxy, which answers the handshake itself). Changes are \
 request-to-response (API: committed to the kernel and the state file) or process \
 start-to-exit (`nft -f`, `iptables-restore --noflush`).\n\n";
-    md += "| system | farms × backends | apply `-e`/file (s) | apply API (s) | peak RSS (MiB) | change p50 / p99 (ms) | connect p50 / p99 / p99.9 (µs) | first byte p50 / p99 (µs) | failed / probes | bulk (Gbit/s) |\n";
-    md += "|---|---|---|---|---|---|---|---|---|---|\n";
+    md += "| system | farms × backends | apply `-e`/file (s) | apply API (s) | peak RSS (MiB) | change p50 / p99 (ms) | connect p50 / p99 / p99.9 (µs) | same run, direct to a backend: connect p50 / p99 (µs) | first byte p50 / p99 (µs) | failed / probes | bulk (Gbit/s) |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|---|\n";
     for ((_, sys, m, n), t) in &rows {
         let g = |k: &str| t.get(k);
         let ex = g("apply_exit");
@@ -1766,7 +1802,7 @@ start-to-exit (`nft -f`, `iptables-restore --noflush`).\n\n";
             format!("{n} × {m}")
         };
         md += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             label(sys),
             farms,
             apply(ex),
@@ -1790,6 +1826,13 @@ start-to-exit (`nft -f`, `iptables-restore --noflush`).\n\n";
                 f(num(r, "connect_p999_us"), 0)
             ))
             .unwrap_or("–".into()),
+            c.filter(|r| r.get("alt_target").is_some())
+                .map(|r| format!(
+                    "{} / {}",
+                    f(num(r, "alt_connect_p50_us"), 0),
+                    f(num(r, "alt_connect_p99_us"), 0)
+                ))
+                .unwrap_or("–".into()),
             c.map(|r| format!(
                 "{} / {}",
                 f(num(r, "fb_p50_us"), 0),
@@ -1853,7 +1896,7 @@ start-to-exit (`nft -f`, `iptables-restore --noflush`).\n\n";
         }
         if let Some(r) = t.get("blacklist") {
             extra += &format!(
-                "| {} | {n} × {m} | blacklist of {} networks attached to the probed farm (load {} s, attach {} s): connect p50 / p99 {} / {} µs without, {} / {} µs with ({:+.1}% / {:+.1}%); first byte p50 {} → {} µs |\n",
+                "| {} | {n} × {m} | blacklist of {} networks attached to the last farm (load {} s, attach {} s); probes alternate between it and the farm before it (no blacklist): connect p50 / p99 {} / {} µs without, {} / {} µs with ({:+.1}% / {:+.1}%); first byte p50 {} → {} µs |\n",
                 label(sys),
                 s(r, "elements"),
                 f(num(r, "load_s"), 2),
@@ -2037,6 +2080,22 @@ fn targets(rows: &BTreeMap<Key, BTreeMap<String, Value>>) -> String {
                 (Some(a), Some(b)) => {
                     format!("{a:.0} vs {b:.0} µs ({:+.1}%)", (a / b - 1.0) * 100.0)
                 }
+                _ => "–".into(),
+            },
+            "within 10%",
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a <= b * 1.1),
+                _ => None,
+            },
+        );
+    }
+    for p in ["p50", "p99"] {
+        let a = oc.and_then(|r| num(r, &format!("connect_{p}_us")));
+        let b = oc.and_then(|r| num(r, &format!("alt_connect_{p}_us")));
+        line(
+            format!("same, against a backend reached directly through the same LB (routing + conntrack, no NAT), probes interleaved, {p}"),
+            match (a, b) {
+                (Some(a), Some(b)) => format!("{a:.0} vs {b:.0} µs ({:+.1}%)", (a / b - 1.0) * 100.0),
                 _ => "–".into(),
             },
             "within 10%",
