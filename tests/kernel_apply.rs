@@ -222,6 +222,14 @@ fn incremental_changes_equal_a_fresh_start() {
             "persistence":"srcip","sessions":[{"client":"198.18.0.2","backend":"a"}],
             "backends":[{"name":"a","ip-addr":"198.18.1.11","est-connlimit":"100","mark":"0x7"},
             {"name":"b","ip-addr":"2001:2:0:1::12"}]}]}"#.into()),
+        // Every helper, and several farms with the same helper (per-farm helper objects).
+        ("POST", "/farms", r#"{"farms":[
+            {"name":"h-ftp2","virtual-addr":"198.18.0.40","virtual-ports":"2121","helper":"ftp"},
+            {"name":"h-sip","virtual-addr":"198.18.0.41","virtual-ports":"5060","protocol":"udp","helper":"sip"},
+            {"name":"h-sipt","virtual-addr":"198.18.0.41","virtual-ports":"5060","protocol":"tcp","helper":"sip"},
+            {"name":"h-tftp","virtual-addr":"198.18.0.42","virtual-ports":"69","protocol":"udp","helper":"tftp"},
+            {"name":"h-snmp","virtual-addr":"198.18.0.43","virtual-ports":"161","protocol":"udp","helper":"snmp"},
+            {"name":"h-pptp","virtual-addr":"198.18.0.44","virtual-ports":"1723","helper":"pptp"}]}"#.into()),
         ("POST", "/farms", r#"{"farms":[{"name":"sec","limits-ttl":"60","verdict":"log","log-rtlimit":"0",
             "persist-ttl":"30","backends":[{"name":"a","state":"down"}]}]}"#.into()),
         ("PATCH", "/policies/bl/elements", r#"{"policies":[{"name":"bl","elements":[{"data":"198.18.7.0/24"}]}]}"#.into()),

@@ -486,7 +486,9 @@ pub fn farm(state: &State, f: &Farm, fam: TableFamily, t: &mut Table) -> Option<
     if f.helper != Helper::None {
         for p in state.farm_protocol(f).l4() {
             let fits = match f.helper {
-                Helper::Ftp | Helper::Pptp => *p == "tcp",
+                Helper::Ftp => *p == "tcp",
+                // The kernel's PPTP helper is IPv4 only.
+                Helper::Pptp => *p == "tcp" && fam != TableFamily::Ip6,
                 Helper::Snmp | Helper::Tftp => *p == "udp",
                 Helper::Sip => *p != "sctp",
                 Helper::None => false,
@@ -495,10 +497,9 @@ pub fn farm(state: &State, f: &Farm, fam: TableFamily, t: &mut Table) -> Option<
                 continue;
             }
             let obj = helper_object(&f.name, f.helper, p);
-            let kernel_name = match f.helper {
-                Helper::Snmp => "snmp_trap",
-                other => other.as_str(),
-            };
+            // The kernel's helper names are nftlb's ("snmp" handles port 161 requests and
+            // calls the SNMP NAT module for payload rewriting).
+            let kernel_name = f.helper.as_str();
             t.maps.insert(
                 obj.clone(),
                 object(

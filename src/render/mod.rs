@@ -733,6 +733,9 @@ pub fn render_fragment(
     for fam in TableFamily::ALL {
         let table = rs.tables.get_mut(&fam).expect("fragment tables exist");
         render_farm(state, farm, &statuses, slot, fam, cfg, table);
+        if !serves(state, farm, fam) {
+            continue;
+        }
         let fchain = filter::farm(state, farm, fam, table);
         for a in state.farm_addresses(farm) {
             filter::address_entries(state, a, fam, fchain.as_deref(), table, cfg);
@@ -811,6 +814,9 @@ pub fn render(
 /// local process opens with a backend's mark (SO_MARK = farm mark | backend mark) leave
 /// with that backend's `source-addr` (else the farm's).
 fn render_local(state: &State, farm: &Farm, fam: TableFamily, t: &mut Table) {
+    if !serves(state, farm, fam) {
+        return;
+    }
     let fchain = filter::farm(state, farm, fam, t);
     for a in state.farm_addresses(farm) {
         filter::address_entries(
@@ -830,6 +836,18 @@ fn render_local(state: &State, farm: &Farm, fam: TableFamily, t: &mut Table) {
             insert(t, "lsrc", mark(user_mark), src.to_string());
         }
     }
+}
+
+/// Whether a farm has an address served in this family.
+fn serves(state: &State, farm: &Farm, fam: TableFamily) -> bool {
+    state.farm_addresses(farm).any(|a| match a.ip_addr {
+        Some(ip) => fam_matches(fam, &ip),
+        None => match a.family {
+            Family::Inet => true,
+            Family::Ipv4 => fam == TableFamily::Ip,
+            Family::Ipv6 => fam == TableFamily::Ip6,
+        },
+    })
 }
 
 /// The keys of a farm set to something this version does not turn into rules yet.
