@@ -428,37 +428,42 @@ pub fn farm(state: &State, f: &Farm, fam: TableFamily, t: &mut Table) -> Option<
         rules.push(format!("ct state invalid {act}"));
     }
     let ttl = f.limits_ttl.max(1);
-    if f.new_rtlimit.count > 0 {
+    // Per-source packet rate limits: (key name, set prefix, packets it counts, rate, burst, log prefix).
+    let rate_limits = [
+        (
+            "new-rtlimit",
+            "nrl",
+            "ct state new",
+            f.new_rtlimit,
+            f.new_rtlimit_burst,
+            &f.new_rtlimit_log_prefix,
+        ),
+        (
+            "rst-rtlimit",
+            "rrl",
+            "tcp flags rst",
+            f.rst_rtlimit,
+            f.rst_rtlimit_burst,
+            &f.rst_rtlimit_log_prefix,
+        ),
+    ];
+    for (kname, set_prefix, matched, rate, burst, log_prefix) in rate_limits {
+        if rate.count == 0 {
+            continue;
+        }
         let spec = format!("type {at}; flags dynamic,timeout; timeout {ttl}s; size 1048576;");
         // The tag makes a new set when the declaration changes (nft cannot alter one).
-        let set = format!("nrl-{}-{}", f.name, tag(&spec));
+        let set = format!("{set_prefix}-{}-{}", f.name, tag(&spec));
         t.maps.insert(set.clone(), dyn_set(spec));
-        let burst = if f.new_rtlimit_burst > 0 {
-            format!(" burst {} packets", f.new_rtlimit_burst)
+        let burst = if burst > 0 {
+            format!(" burst {burst} packets")
         } else {
             String::new()
         };
-        let p = limit_prefix(&f.new_rtlimit_log_prefix, "new-rtlimit", &f.name);
-        let act = action(t, &chain, "new-rtlimit", f.verdict, true, &p, f.log_rtlimit);
+        let p = limit_prefix(log_prefix, kname, &f.name);
+        let act = action(t, &chain, kname, f.verdict, true, &p, f.log_rtlimit);
         rules.push(format!(
-            "ct state new add @{set} {{ {ip} saddr limit rate over {}{burst} }} {act}",
-            f.new_rtlimit
-        ));
-    }
-    if f.rst_rtlimit.count > 0 {
-        let spec = format!("type {at}; flags dynamic,timeout; timeout {ttl}s; size 1048576;");
-        let set = format!("rrl-{}-{}", f.name, tag(&spec));
-        t.maps.insert(set.clone(), dyn_set(spec));
-        let burst = if f.rst_rtlimit_burst > 0 {
-            format!(" burst {} packets", f.rst_rtlimit_burst)
-        } else {
-            String::new()
-        };
-        let p = limit_prefix(&f.rst_rtlimit_log_prefix, "rst-rtlimit", &f.name);
-        let act = action(t, &chain, "rst-rtlimit", f.verdict, true, &p, f.log_rtlimit);
-        rules.push(format!(
-            "tcp flags rst add @{set} {{ {ip} saddr limit rate over {}{burst} }} {act}",
-            f.rst_rtlimit
+            "{matched} add @{set} {{ {ip} saddr limit rate over {rate}{burst} }} {act}"
         ));
     }
     if f.est_connlimit > 0 {

@@ -1133,17 +1133,18 @@ fn render_farm(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::document::{apply_document, ApplyMode, ParseConfig};
     use crate::ruleset::plan;
     use serde_json::json;
 
-    const CFG: RenderConfig = RenderConfig {
+    pub(crate) const CFG: RenderConfig = RenderConfig {
         masquerade_mark: 0x8000_0000,
     };
 
-    fn state(v: serde_json::Value) -> State {
+    /// A validated state built from one JSON document (also used by the netdev tests).
+    pub(crate) fn state(v: serde_json::Value) -> State {
         let mut st = State::default();
         apply_document(
             &mut st,

@@ -1137,30 +1137,11 @@ fn stlsdnat<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::document::{apply_document, ApplyMode, ParseConfig};
     use crate::netinfo::Link;
+    use crate::render::tests::{state, CFG};
     use crate::render::{bucket_space, render};
     use crate::ruleset::plan;
     use serde_json::json;
-
-    const CFG: RenderConfig = RenderConfig {
-        masquerade_mark: 0x8000_0000,
-    };
-
-    fn state(v: serde_json::Value) -> State {
-        let mut st = State::default();
-        apply_document(
-            &mut st,
-            &v,
-            &ApplyMode::Upsert,
-            &ParseConfig {
-                masquerade_mark: 0x8000_0000,
-            },
-        )
-        .unwrap();
-        st.validate().unwrap();
-        st
-    }
 
     fn mac(last: u8) -> Mac {
         Mac([2, 0, 0, 0, 0, last])
