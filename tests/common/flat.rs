@@ -85,22 +85,9 @@ impl FlatLab {
             ));
         }
         ip_batch(None, &root);
-        if Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables").exists() {
-            for k in ["iptables", "ip6tables", "arptables"] {
-                let _ =
-                    sw.run(|| fs::write(format!("/proc/sys/net/bridge/bridge-nf-call-{k}"), "0"));
-            }
-        }
-        let mut s = vec![
-            "link add br0 type bridge mcast_snooping 0".to_string(),
-            "link set br0 up".to_string(),
-            "link set cli master br0 up".to_string(),
-            "link set lb master br0 up".to_string(),
-        ];
-        for b in &backends {
-            s.push(format!("link set {} master br0 up", b.name));
-        }
-        ip_batch(Some(&sw.name), &s);
+        let mut ports = vec!["cli", "lb"];
+        ports.extend(backends.iter().map(|b| b.name.as_str()));
+        make_switch(&sw, &ports);
         let host = |ns: &NetNs, mac: &str, ip4: &str, ip6: &str| {
             ip_batch(
                 Some(&ns.name),

@@ -124,6 +124,22 @@ pub fn check_cmd(prog: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Makes `sw` a switch: bridge `br0` with the given ports attached, and the
+/// bridge's netfilter hooks off so that only the load balancer's rules see packets.
+fn make_switch(sw: &NetNs, ports: &[&str]) {
+    if Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables").exists() {
+        for k in ["iptables", "ip6tables", "arptables"] {
+            let _ = sw.run(|| fs::write(format!("/proc/sys/net/bridge/bridge-nf-call-{k}"), "0"));
+        }
+    }
+    let mut s = vec![
+        "link add br0 type bridge mcast_snooping 0".to_string(),
+        "link set br0 up".to_string(),
+    ];
+    s.extend(ports.iter().map(|p| format!("link set {p} master br0 up")));
+    ip_batch(Some(&sw.name), &s);
+}
+
 /// Runs `ip [-n ns] -batch -` with the given lines; panics on the first failure.
 fn ip_batch(ns: Option<&str>, lines: &[String]) {
     let mut cmd = Command::new("ip");
@@ -422,21 +438,9 @@ impl Lab {
         ip_batch(None, &root);
 
         // switch
-        if Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables").exists() {
-            for k in ["iptables", "ip6tables", "arptables"] {
-                let _ =
-                    sw.run(|| fs::write(format!("/proc/sys/net/bridge/bridge-nf-call-{k}"), "0"));
-            }
-        }
-        let mut s = vec![
-            "link add br0 type bridge mcast_snooping 0".to_string(),
-            "link set br0 up".to_string(),
-            "link set lb master br0 up".to_string(),
-        ];
-        for b in &backends {
-            s.push(format!("link set {} master br0 up", b.name));
-        }
-        ip_batch(Some(&sw.name), &s);
+        let mut ports = vec!["lb"];
+        ports.extend(backends.iter().map(|b| b.name.as_str()));
+        make_switch(&sw, &ports);
 
         // load balancer
         lb.sysctl("net/ipv4/ip_forward", "1");
