@@ -153,6 +153,16 @@ fn whitelist_admits_only_its_members() {
     refused(&lab, OTHER, VIP, 80, "client still not in the whitelist");
 }
 
+/// The names of the policies a farm document lists, in order.
+fn attached_policies(farm: &Value) -> Vec<&str> {
+    farm["policies"]
+        .as_array()
+        .expect("farm document has a policies array")
+        .iter()
+        .map(|p| p["name"].as_str().unwrap_or(""))
+        .collect()
+}
+
 /// Policies are evaluated in attachment order and the first match decides: a
 /// whitelist match accepts (later blacklists are not consulted), a blacklist match
 /// drops; a client that matches no whitelist is not admitted.
@@ -172,12 +182,7 @@ fn policies_apply_in_attachment_order() {
 
     d.apply(&web(&["wl", "bl"]));
     let f = d.farm("web");
-    let order: Vec<&str> = f["policies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap_or(""))
-        .collect();
+    let order = attached_policies(&f);
     assert_eq!(order, vec!["wl", "bl"], "GET farm policies: {f}");
     served(&lab, A, VIP, 80, "[wl, bl]: whitelisted");
     served(
@@ -197,12 +202,7 @@ fn policies_apply_in_attachment_order() {
         Some(&json!({"farms":[{"name":"web","policies":[{"name":"bl"},{"name":"wl"}]}]})),
     );
     let f = d.farm("web");
-    let order: Vec<&str> = f["policies"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap_or(""))
-        .collect();
+    let order = attached_policies(&f);
     assert_eq!(
         order,
         vec!["bl", "wl"],
