@@ -71,12 +71,18 @@ fn assert_balanced(r: &[std::io::Result<(String, std::net::IpAddr)>], client: &s
     );
 }
 
-#[test]
-fn dsr_tcp_rr_replies_bypass_the_load_balancer() {
+/// A flat lab with two backends that own `VIP` (as dsr needs) and serve TCP port 80.
+fn dsr_web_lab() -> FlatLab {
     let lab = FlatLab::new(2);
     lab.add_lb_vip(VIP);
     lab.backends_own(VIP);
     lab.serve_tcp(80);
+    lab
+}
+
+#[test]
+fn dsr_tcp_rr_replies_bypass_the_load_balancer() {
+    let lab = dsr_web_lab();
     let probe = Probe::install(
         &lab.lb,
         "eth0",
@@ -115,10 +121,7 @@ fn dsr_tcp_rr_replies_bypass_the_load_balancer() {
 
 #[test]
 fn dsr_backend_states() {
-    let lab = FlatLab::new(2);
-    lab.add_lb_vip(VIP);
-    lab.backends_own(VIP);
-    lab.serve_tcp(80);
+    let lab = dsr_web_lab();
     let d = Daemon::start(&lab.lb);
     d.apply(&dsr("web", VIP, "80", "tcp", flat_backends(&lab)));
     assert_balanced(&lab.tcp_many(VIP, 80, 16), FLAT_CLI4);
@@ -189,10 +192,7 @@ fn dsr_udp_and_ipv6() {
 
 #[test]
 fn dsr_unresolvable_backend_is_reported_and_skipped() {
-    let lab = FlatLab::new(2);
-    lab.add_lb_vip(VIP);
-    lab.backends_own(VIP);
-    lab.serve_tcp(80);
+    let lab = dsr_web_lab();
     let d = Daemon::start(&lab.lb);
     let mut backends = flat_backends(&lab);
     backends.push(bck("ghost", "198.18.0.99"));
@@ -247,10 +247,7 @@ fn dsr_unresolvable_backend_is_reported_and_skipped() {
 
 #[test]
 fn dsr_follows_a_backend_mac_change() {
-    let lab = FlatLab::new(2);
-    lab.add_lb_vip(VIP);
-    lab.backends_own(VIP);
-    lab.serve_tcp(80);
+    let lab = dsr_web_lab();
     let d = Daemon::start(&lab.lb);
     d.apply(&dsr("web", VIP, "80", "tcp", flat_backends(&lab)));
     assert_balanced(&lab.tcp_many(VIP, 80, 16), FLAT_CLI4);
@@ -446,10 +443,7 @@ fn stlsdnat_one_arm() {
 
 #[test]
 fn dsr_persistence_and_static_sessions() {
-    let lab = FlatLab::new(2);
-    lab.add_lb_vip(VIP);
-    lab.backends_own(VIP);
-    lab.serve_tcp(80);
+    let lab = dsr_web_lab();
     let mut d = Daemon::start(&lab.lb);
     let mut doc = dsr("web", VIP, "80", "tcp", flat_backends(&lab));
     doc["farms"][0]["persistence"] = json!("srcip");
@@ -512,10 +506,7 @@ fn dsr_persistence_and_static_sessions() {
 
 #[test]
 fn dsr_weights_and_source_hash() {
-    let lab = FlatLab::new(2);
-    lab.add_lb_vip(VIP);
-    lab.backends_own(VIP);
-    lab.serve_tcp(80);
+    let lab = dsr_web_lab();
     let d = Daemon::start(&lab.lb);
     let backends = vec![
         with(bck("be1", &lab.be(1).ip4), &[("weight", "1")]),
@@ -540,10 +531,7 @@ fn dsr_weights_and_source_hash() {
 
 #[test]
 fn dsr_blacklist_drops_at_ingress_and_counts() {
-    let lab = FlatLab::new(2);
-    lab.add_lb_vip(VIP);
-    lab.backends_own(VIP);
-    lab.serve_tcp(80);
+    let lab = dsr_web_lab();
     let d = Daemon::start(&lab.lb);
     d.apply(&json!({"policies":[{"name":"bl","type":"blacklist",
         "elements":[{"data":"198.18.0.0/30"},{"data":"198.18.7.7"}]}]}));
