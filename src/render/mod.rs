@@ -305,8 +305,12 @@ pub(crate) fn tag(text: &str) -> String {
 
 /// The nft expression and type of a persistence key.
 fn persist_key(fields: &HashFields, fam: TableFamily) -> (String, String) {
-    let ip = ip_kw(fam);
-    let at = addr_type(fam);
+    persist_key_with(fields, ip_kw(fam), addr_type(fam))
+}
+
+/// The nft expression and type of a persistence key, given the address keyword
+/// (`ip`/`ip6`) and address type of the family (shared with the netdev renderer).
+pub(crate) fn persist_key_with(fields: &HashFields, ip: &str, at: &str) -> (String, String) {
     let (exprs, types): (Vec<String>, Vec<&str>) = fields
         .set_names()
         .iter()

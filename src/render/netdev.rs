@@ -793,21 +793,7 @@ fn val_type(farm: &Farm, fam: Fam) -> &'static str {
 
 /// The nft expression and type of a persistence key.
 fn persist_key(fields: &HashFields, fam: Fam) -> (String, String) {
-    let ip = fam.ip();
-    let at = fam.addr_type();
-    let (exprs, types): (Vec<String>, Vec<&str>) = fields
-        .set_names()
-        .iter()
-        .map(|f| match *f {
-            "srcip" => (format!("{ip} saddr"), at),
-            "dstip" => (format!("{ip} daddr"), at),
-            "srcport" => ("th sport".to_string(), "inet_service"),
-            "dstport" => ("th dport".to_string(), "inet_service"),
-            "srcmac" => ("ether saddr".to_string(), "ether_addr"),
-            _ => ("ether daddr".to_string(), "ether_addr"),
-        })
-        .unzip();
-    (exprs.join(" . "), types.join(" . "))
+    crate::render::persist_key_with(fields, fam.ip(), fam.addr_type())
 }
 
 /// Names of a farm's persistence and static-session maps in one family (`true` for

@@ -220,26 +220,7 @@ pub fn udp_server_on(ns: &NetNs, name: &str, addr: IpAddr, port: u16) -> Server 
             }
         };
         let _ = tx.send(Ok(()));
-        let mut buf = [0u8; 2048];
-        while !stop.load(Ordering::SeqCst) {
-            match sock.recv_from(&mut buf) {
-                Ok((_, peer)) => {
-                    let _ = sock.send_to(reply_line(&name, &peer).as_bytes(), peer);
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                            | io::ErrorKind::ConnectionRefused
-                    ) => {}
-                Err(e) => {
-                    eprintln!("udp server {name}: {e}");
-                    break;
-                }
-            }
-        }
+        udp_answer(&sock, &name, &stop);
     })
 }
 

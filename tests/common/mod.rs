@@ -853,6 +853,30 @@ fn keep_open(mut s: TcpStream, line: String, stop: &AtomicBool) {
     }
 }
 
+/// Answers every datagram on `sock` with the server's reply line until `stop` is set.
+fn udp_answer(sock: &UdpSocket, name: &str, stop: &AtomicBool) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::SeqCst) {
+        match sock.recv_from(&mut buf) {
+            Ok((_, peer)) => {
+                let _ = sock.send_to(reply_line(name, &peer).as_bytes(), peer);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                        | io::ErrorKind::ConnectionRefused
+                ) => {}
+            Err(e) => {
+                eprintln!("udp server {name} ({:?}): {e}", sock.local_addr());
+                break;
+            }
+        }
+    }
+}
+
 /// Starts a dual-stack UDP server on `[::]:port` inside `ns`.
 pub fn udp_server(ns: &NetNs, name: &str, port: u16) -> Server {
     let name = name.to_string();
@@ -869,26 +893,7 @@ pub fn udp_server(ns: &NetNs, name: &str, port: u16) -> Server {
             }
         };
         let _ = tx.send(Ok(()));
-        let mut buf = [0u8; 2048];
-        while !stop.load(Ordering::SeqCst) {
-            match sock.recv_from(&mut buf) {
-                Ok((_, peer)) => {
-                    let _ = sock.send_to(reply_line(&name, &peer).as_bytes(), peer);
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                            | io::ErrorKind::ConnectionRefused
-                    ) => {}
-                Err(e) => {
-                    eprintln!("udp server {name}:{port}: {e}");
-                    break;
-                }
-            }
-        }
+        udp_answer(&sock, &name, &stop);
     })
 }
 
