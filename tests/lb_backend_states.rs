@@ -8,18 +8,7 @@ use serde_json::Value;
 const VIP: &str = "198.18.0.100";
 
 fn web(backends: Vec<Value>) -> Value {
-    farms_doc(farm(
-        "web",
-        &[
-            ("family", "ipv4"),
-            ("virtual-addr", VIP),
-            ("virtual-ports", "80"),
-            ("protocol", "tcp"),
-            ("mode", "dnat"),
-            ("scheduler", "rr"),
-        ],
-        backends,
-    ))
+    web_farm_doc(VIP, &[], backends)
 }
 
 fn only(lab: &Lab, n: usize, who: &str, when: &str) {

@@ -16,16 +16,7 @@ const A: &str = CLI4; // 198.18.0.2
 const B: &str = "198.18.0.3";
 
 fn web(extra: &[(&str, &str)], backends: Vec<Value>) -> Value {
-    let mut kv = vec![
-        ("family", "ipv4"),
-        ("virtual-addr", VIP),
-        ("virtual-ports", "80"),
-        ("protocol", "tcp"),
-        ("mode", "dnat"),
-        ("scheduler", "rr"),
-    ];
-    kv.extend_from_slice(extra);
-    farms_doc(farm("web", &kv, backends))
+    web_farm_doc(VIP, extra, backends)
 }
 
 /// A farm-level attribute change: `{"farms":[{"name":"web", k: v, ...}]}`.

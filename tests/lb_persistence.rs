@@ -21,20 +21,11 @@ const B: &str = "198.18.0.3";
 const C: &str = "198.18.0.4";
 
 fn web(persistence: &str, ttl: &str) -> Value {
-    farms_doc(farm(
-        "web",
-        &[
-            ("family", "ipv4"),
-            ("virtual-addr", VIP),
-            ("virtual-ports", "80"),
-            ("protocol", "tcp"),
-            ("mode", "dnat"),
-            ("scheduler", "rr"),
-            ("persistence", persistence),
-            ("persist-ttl", ttl),
-        ],
+    web_farm_doc(
+        VIP,
+        &[("persistence", persistence), ("persist-ttl", ttl)],
         v4_backends(2),
-    ))
+    )
 }
 
 fn lab() -> Lab {

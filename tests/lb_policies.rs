@@ -38,22 +38,11 @@ fn lab() -> Lab {
 }
 
 fn web(policies: &[&str]) -> Value {
-    let mut f = farm(
-        "web",
-        &[
-            ("family", "ipv4"),
-            ("virtual-addr", VIP),
-            ("virtual-ports", "80"),
-            ("protocol", "tcp"),
-            ("mode", "dnat"),
-            ("scheduler", "rr"),
-        ],
-        v4_backends(2),
-    );
+    let mut doc = web_farm_doc(VIP, &[], v4_backends(2));
     if !policies.is_empty() {
-        f["policies"] = policy_refs(policies);
+        doc["farms"][0]["policies"] = policy_refs(policies);
     }
-    farms_doc(f)
+    doc
 }
 
 #[test]

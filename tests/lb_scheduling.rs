@@ -8,16 +8,9 @@ use serde_json::Value;
 const VIP: &str = "198.18.0.100";
 
 fn web(sched: &str, extra: &[(&str, &str)], backends: Vec<Value>) -> Value {
-    let mut kv = vec![
-        ("family", "ipv4"),
-        ("virtual-addr", VIP),
-        ("virtual-ports", "80"),
-        ("protocol", "tcp"),
-        ("mode", "dnat"),
-        ("scheduler", sched),
-    ];
+    let mut kv = vec![("scheduler", sched)];
     kv.extend_from_slice(extra);
-    farms_doc(farm("web", &kv, backends))
+    web_farm_doc(VIP, &kv, backends)
 }
 
 #[test]

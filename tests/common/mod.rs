@@ -1479,6 +1479,20 @@ pub fn farm(name: &str, kv: &[(&str, &str)], backends: Vec<Value>) -> Value {
     f
 }
 
+/// `{"farms":[web]}`: farm `web`, IPv4 TCP `vip`:80, dnat, rr, then `extra`
+/// (which may override any of those keys), with the given backends.
+pub fn web_farm_doc(vip: &str, extra: &[(&str, &str)], backends: Vec<Value>) -> Value {
+    let base = [
+        ("family", "ipv4"),
+        ("virtual-addr", vip),
+        ("virtual-ports", "80"),
+        ("protocol", "tcp"),
+        ("mode", "dnat"),
+        ("scheduler", "rr"),
+    ];
+    farms_doc(with(farm("web", &base, backends), extra))
+}
+
 /// Backends be1..=beN with their IPv4 addresses.
 pub fn v4_backends(n: usize) -> Vec<Value> {
     (1..=n).map(|i| bck(&format!("be{i}"), &be4(i))).collect()
