@@ -978,8 +978,23 @@ impl Engine {
         }
     }
 
+    /// Runs `f` with the state and slots lent out of the engine rather than copied
+    /// (a copy costs a string and a reference count per farm, on every read); they
+    /// are put back when `f` returns.
+    fn with_state<R>(&mut self, f: impl FnOnce(&mut Self, &State, &Slots) -> R) -> R {
+        let state = std::mem::take(&mut self.state);
+        let slots = std::mem::take(&mut self.slots);
+        let r = f(self, &state, &slots);
+        self.state = state;
+        self.slots = slots;
+        r
+    }
+
     fn get(&mut self, segs: &[&str]) -> Reply {
-        let st = &self.state.clone();
+        self.with_state(|e, st, slots| e.get_in(st, slots, segs))
+    }
+
+    fn get_in(&mut self, st: &State, slots: &Slots, segs: &[&str]) -> Reply {
         let unknown = |what: &str, name: &str| {
             Failure::new(404, "invalid request", format!("Unknown {what} '{name}'")).reply()
         };
@@ -1010,8 +1025,7 @@ impl Engine {
                         Value::Array(a) => a,
                         _ => Vec::new(),
                     };
-                    let (state, slots) = (self.state.clone(), self.slots.clone());
-                    for d in self.dynamic_sessions(&state, &slots, name) {
+                    for d in self.dynamic_sessions(st, slots, name) {
                         let mut m = Map::new();
                         m.insert("client".into(), Value::String(d.client));
                         m.insert(
@@ -1128,9 +1142,8 @@ impl Engine {
                             ));
                         }
                         farm.sessions.retain(|s| s.backend != *b);
-                        let (state, slots) = (self.state.clone(), self.slots.clone());
                         dynamic_deletes = self
-                            .dynamic_sessions(&state, &slots, name)
+                            .with_state(|e, st, sl| e.dynamic_sessions(st, sl, name))
                             .into_iter()
                             .filter(|d| d.backend.as_deref() == Some(*b))
                             .map(|d| d.delete_command())
@@ -1145,9 +1158,8 @@ impl Engine {
                         farm.sessions.retain(|s| s.client != canon);
                         if farm.sessions.len() == before {
                             // Not static: a session the kernel learnt.
-                            let (state, slots) = (self.state.clone(), self.slots.clone());
                             dynamic_deletes = self
-                                .dynamic_sessions(&state, &slots, name)
+                                .with_state(|e, st, sl| e.dynamic_sessions(st, sl, name))
                                 .into_iter()
                                 .filter(|d| d.client == canon || d.client == client)
                                 .map(|d| d.delete_command())
