@@ -356,20 +356,6 @@ fn apply_policy(state: &mut State, v: &Value, mode: &ApplyMode) -> DResult<()> {
     Ok(())
 }
 
-fn rename_key<V: Clone>(
-    map: &mut indexmap::IndexMap<String, V>,
-    old: &str,
-    new: &str,
-    set_name: impl Fn(&mut V),
-) {
-    if let Some(idx) = map.get_index_of(old) {
-        let mut entries: Vec<(String, V)> = map.drain(..).collect();
-        entries[idx].0 = new.to_string();
-        set_name(&mut entries[idx].1);
-        map.extend(entries);
-    }
-}
-
 fn rename_policy(state: &mut State, old: &str, new: &str) -> DResult<()> {
     if old == new {
         return Ok(());
@@ -379,22 +365,24 @@ fn rename_policy(state: &mut State, old: &str, new: &str) -> DResult<()> {
             "Invalid value '{new}' of key 'newname' in policy '{old}': policy '{new}' already exists"
         ));
     }
-    rename_key(&mut state.policies, old, new, |p| {
-        Arc::make_mut(p).name = new.to_string()
-    });
-    // Only farms that refer to the policy are copied (the others stay shared).
-    for f in state.farms.values_mut() {
+    state
+        .policies
+        .rename(old, new, |p| Arc::make_mut(p).name = new.to_string());
+    // Only objects that refer to the policy are copied (the others stay shared).
+    state.farms.for_each_mut(|f| {
         if f.policies.iter().any(|p| p == old) {
             for p in Arc::make_mut(f).policies.iter_mut().filter(|p| *p == old) {
                 *p = new.to_string();
             }
         }
-    }
-    for a in state.addresses.values_mut() {
-        for p in a.policies.iter_mut().filter(|p| *p == old) {
-            *p = new.to_string();
+    });
+    state.addresses.for_each_mut(|a| {
+        if a.policies.iter().any(|p| p == old) {
+            for p in Arc::make_mut(a).policies.iter_mut().filter(|p| *p == old) {
+                *p = new.to_string();
+            }
         }
-    }
+    });
     Ok(())
 }
 
@@ -412,7 +400,7 @@ fn apply_address(
     let mut a = state
         .addresses
         .get(&name)
-        .cloned()
+        .map(|a| Address::clone(a))
         .unwrap_or_else(|| Address {
             name: name.clone(),
             ..Default::default()
@@ -451,7 +439,7 @@ fn apply_address(
             a.family = Family::Ipv6;
         }
     }
-    state.addresses.insert(name.clone(), a);
+    state.addresses.insert(name.clone(), Arc::new(a));
     if let Some(new) = newname {
         if new != name {
             if state.addresses.contains_key(&new) {
@@ -459,8 +447,10 @@ fn apply_address(
                     "Invalid value '{new}' of key 'newname' in address '{name}': address '{new}' already exists"
                 ));
             }
-            rename_key(&mut state.addresses, &name, &new, |a| a.name = new.clone());
-            for f in state.farms.values_mut() {
+            state
+                .addresses
+                .rename(&name, &new, |a| Arc::make_mut(a).name = new.clone());
+            state.farms.for_each_mut(|f| {
                 if f.addresses.contains(&name) {
                     for x in Arc::make_mut(f)
                         .addresses
@@ -470,7 +460,7 @@ fn apply_address(
                         *x = new.clone();
                     }
                 }
-            }
+            });
             return Ok(new);
         }
     }
@@ -536,16 +526,16 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
                 }
                 state.addresses.insert(
                     candidate.clone(),
-                    Address {
+                    Arc::new(Address {
                         name: candidate.clone(),
                         ..Default::default()
-                    },
+                    }),
                 );
                 farm.addresses.push(candidate.clone());
                 candidate
             }
         };
-        let mut a = state.addresses[&aname].clone();
+        let mut a = Address::clone(&state.addresses[&aname]);
         for key in LEGACY_ADDRESS_KEYS {
             let Some(val) = obj.get(key) else { continue };
             match key {
@@ -570,7 +560,10 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
                 }
             }
         }
-        state.addresses.insert(aname, a);
+        // Unchanged addresses stay shared (and out of the change log's real changes).
+        if *state.addresses[&aname] != a {
+            state.addresses.insert(aname, Arc::new(a));
+        }
     }
 
     // 3. Plain farm keys.
@@ -725,17 +718,17 @@ fn rename_farm(state: &mut State, old: &str, new: &str) -> DResult<()> {
             "Invalid value '{new}' of key 'newname' in farm '{old}': farm '{new}' already exists"
         ));
     }
-    rename_key(&mut state.farms, old, new, |f| {
-        Arc::make_mut(f).name = new.to_string()
-    });
+    state
+        .farms
+        .rename(old, new, |f| Arc::make_mut(f).name = new.to_string());
     // The automatic address follows the farm's name.
     let (old_auto, new_auto) = (format!("{old}-addr"), format!("{new}-addr"));
     if state.addresses.contains_key(&old_auto)
         && !state.addresses.contains_key(&new_auto)
         && state.address_used(&old_auto) == 1
     {
-        rename_key(&mut state.addresses, &old_auto, &new_auto, |a| {
-            a.name = new_auto.clone()
+        state.addresses.rename(&old_auto, &new_auto, |a| {
+            Arc::make_mut(a).name = new_auto.clone()
         });
         if let Some(f) = state.farms.get_mut(new) {
             for a in Arc::make_mut(f)

@@ -3,7 +3,7 @@
 //! applied as one nftables transaction, then persisted; if any step fails the state,
 //! the kernel and the file stay as they were.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -124,6 +124,115 @@ pub struct Engine {
     /// Each farm's part of `ruleset`, with the farm it was rendered from, so that a change
     /// re-renders and plans only the farms it touched.
     frags: HashMap<String, Fragment>,
+    /// Indexes over `state`, so that a change is checked from the names it touched.
+    ix: Indexes,
+}
+
+/// Indexes over the committed state that let a change be validated and rendered from
+/// the names it touched alone.
+#[derive(Default)]
+struct Indexes {
+    /// Which farm claims each service.
+    services: ServiceIndex,
+    /// Address name → the farms that use it.
+    users: HashMap<String, BTreeSet<String>>,
+    /// Farms whose rules depend on the live network.
+    ingress: HashSet<String>,
+}
+
+impl Indexes {
+    fn of(st: &State) -> Self {
+        let mut ix = Indexes {
+            services: ServiceIndex::of(st),
+            ..Default::default()
+        };
+        for f in st.farms.values() {
+            ix.add_refs(f);
+        }
+        ix
+    }
+
+    fn add_refs(&mut self, f: &Farm) {
+        for a in &f.addresses {
+            self.users
+                .entry(a.clone())
+                .or_default()
+                .insert(f.name.clone());
+        }
+        if netinfo::farm_needs(f) {
+            self.ingress.insert(f.name.clone());
+        }
+    }
+
+    fn remove_refs(&mut self, f: &Farm) {
+        for a in &f.addresses {
+            if let Some(u) = self.users.get_mut(a) {
+                u.remove(&f.name);
+                if u.is_empty() {
+                    self.users.remove(a);
+                }
+            }
+        }
+        self.ingress.remove(&f.name);
+    }
+
+    /// Moves the indexes from `old` to `next` for the farms named.
+    fn update(&mut self, old: &State, next: &State, farms: &[String]) {
+        for n in farms {
+            self.services.remove_farm(old, n);
+            if let Some(f) = old.farms.get(n) {
+                self.remove_refs(f);
+            }
+        }
+        for n in farms {
+            if let Some(f) = next.farms.get(n) {
+                self.services.add_farm(next, f);
+                self.add_refs(f);
+            }
+        }
+    }
+}
+
+/// What a request changed, read from the tables' change logs: the names whose object was
+/// added, replaced by a different value, or removed.
+#[derive(Debug, Default)]
+struct Changes {
+    farms: Vec<String>,
+    policies: Vec<String>,
+    addresses: Vec<String>,
+    /// An object was renamed or moved (a journal entry cannot say that).
+    reordered: bool,
+}
+
+impl Changes {
+    /// Takes the change logs out of `next` and keeps the real changes against `old`.
+    fn take(old: &State, next: &mut State) -> Changes {
+        fn real<T: PartialEq>(old: &Table<T>, next: &Table<T>, log: Vec<String>) -> Vec<String> {
+            log.into_iter()
+                .filter(|n| match (old.get(n), next.get(n)) {
+                    (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a != b,
+                    (None, None) => false,
+                    _ => true,
+                })
+                .collect()
+        }
+        let (f, rf) = next.farms.take_changes();
+        let (p, rp) = next.policies.take_changes();
+        let (a, ra) = next.addresses.take_changes();
+        Changes {
+            farms: real(&old.farms, &next.farms, f),
+            policies: real(&old.policies, &next.policies, p),
+            addresses: real(&old.addresses, &next.addresses, a),
+            reordered: rf || rp || ra,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.farms.is_empty()
+            && self.policies.is_empty()
+            && self.addresses.is_empty()
+            && !self.reordered
+    }
 }
 
 /// A farm's rendered part of the ruleset.
@@ -159,6 +268,7 @@ impl Engine {
             journal_bytes: 0,
             snapshot_bytes: 0,
             frags: HashMap::new(),
+            ix: Indexes::default(),
         }
     }
 
@@ -233,7 +343,7 @@ impl Engine {
                 .map_err(|e| format!("configuration: {e}"))?;
         }
         st.validate().map_err(|e| format!("configuration: {e}"))?;
-        self.check_capabilities(&st)
+        self.check_capabilities(&st.farms.values().collect::<Vec<_>>())
             .map_err(|e| format!("configuration: {e}"))?;
         slots
             .sync(&st, bucket_space(self.cfg.masquerade_mark))
@@ -277,6 +387,10 @@ impl Engine {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "kernel in sync with the desired state"
         );
+        let _ = st.farms.take_changes();
+        let _ = st.policies.take_changes();
+        let _ = st.addresses.take_changes();
+        self.ix = Indexes::of(&st);
         self.state = st;
         self.slots = slots;
         self.ruleset = rs;
@@ -293,7 +407,7 @@ impl Engine {
         let cfg = self.render_cfg();
         let (mut rs, mut notes) = render_base(st, slots, net, &cfg);
         let mut frags = HashMap::with_capacity(st.farms.len());
-        for (name, farm) in &st.farms {
+        for (name, farm) in st.farms.iter() {
             let (rules, n) = render_fragment(st, farm, slots, &cfg);
             merge_into(&mut rs, &rules);
             notes.extend(n);
@@ -351,10 +465,39 @@ impl Engine {
         }
     }
 
+    /// [`State::validate`] for a change, from the committed state's indexes: only the
+    /// farms in `dirty` and the addresses in `addresses` are checked.
+    fn validate_changes(
+        &self,
+        next: &State,
+        dirty: &[String],
+        dirty_set: &HashSet<&str>,
+        addresses: &[String],
+    ) -> Result<(), String> {
+        let mut local = ServiceIndex::default();
+        for name in dirty {
+            let Some(farm) = next.farms.get(name) else {
+                continue;
+            };
+            for (key, r, addr) in next.farm_services(farm) {
+                self.ix
+                    .services
+                    .check(key, r, name, addr, |f| !dirty_set.contains(f))?;
+                local.check(key, r, name, addr, |_| true)?;
+                local.add(key, r, name, addr);
+            }
+            next.validate_farm(farm)?;
+        }
+        for a in addresses.iter().filter_map(|a| next.addresses.get(a)) {
+            State::validate_address(a)?;
+        }
+        Ok(())
+    }
+
     /// Refuses settings this kernel cannot provide, naming the key and the value.
-    fn check_capabilities(&mut self, st: &State) -> Result<(), String> {
-        let needs_queue = st.farms.values().find(|f| f.queue >= 0);
-        let needs_flow = st.farms.values().find(|f| f.flow_offload);
+    fn check_capabilities(&mut self, farms: &[&Arc<Farm>]) -> Result<(), String> {
+        let needs_queue = farms.iter().find(|f| f.queue >= 0);
+        let needs_flow = farms.iter().find(|f| f.flow_offload);
         if needs_queue.is_none() && needs_flow.is_none() {
             return Ok(());
         }
@@ -377,34 +520,63 @@ impl Engine {
     }
 
     /// Validates, renders, applies and persists `next`. On failure nothing changes.
-    fn commit(&mut self, next: State, mut notes: Vec<String>) -> Result<Vec<String>, Failure> {
+    fn commit(&mut self, mut next: State, mut notes: Vec<String>) -> Result<Vec<String>, Failure> {
         let t0 = Instant::now();
-        next.validate()
-            .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
-        self.check_capabilities(&next)
-            .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
-        // Farms this change touches (added, changed or removed): unchanged farms are the
-        // same allocation, so this is a pointer comparison per farm.
-        let mut dirty: Vec<String> = next
-            .farms
+        let changes = Changes::take(&self.state, &mut next);
+        // Farms this change touches: changed, added or removed, and every user of a
+        // changed address.
+        let mut dirty: Vec<String> = changes.farms.clone();
+        {
+            let mut seen: HashSet<&str> = dirty.iter().map(String::as_str).collect();
+            let mut extra = Vec::new();
+            for a in &changes.addresses {
+                let users = self.ix.users.get(a).into_iter().flatten();
+                for u in users {
+                    if seen.insert(u) {
+                        extra.push(u.clone());
+                    }
+                }
+            }
+            dirty.extend(extra);
+        }
+        // Policies, addresses carrying policies, and farms that depend on the live network
+        // are rendered with the whole state; everything else farm by farm.
+        let dirty_set: HashSet<&str> = dirty.iter().map(String::as_str).collect();
+        let ingress_next = self
+            .ix
+            .ingress
             .iter()
-            .filter(|(n, f)| !self.state.farms.get(*n).is_some_and(|o| Arc::ptr_eq(o, f)))
-            .map(|(n, _)| n.clone())
-            .collect();
-        dirty.extend(
-            self.state
-                .farms
-                .keys()
-                .filter(|n| !next.farms.contains_key(*n))
-                .cloned(),
-        );
-        // Only farm fragments change (no policy, address or ingress farm involved, and
-        // nothing depends on the live network): re-render and plan just those.
+            .any(|f| !dirty_set.contains(f.as_str()))
+            || dirty
+                .iter()
+                .filter_map(|n| next.farms.get(n))
+                .any(|f| netinfo::farm_needs(f));
+        let policy_addr = changes.addresses.iter().any(|a| {
+            [self.state.addresses.get(a), next.addresses.get(a)]
+                .into_iter()
+                .flatten()
+                .any(|x| !x.policies.is_empty())
+        });
         let incremental = !self.frags.is_empty()
-            && next.policies == self.state.policies
-            && next.addresses == self.state.addresses
-            && !netinfo::needed(&next)
-            && !netinfo::needed(&self.state);
+            && changes.policies.is_empty()
+            && !policy_addr
+            && !changes.reordered
+            && self.ix.ingress.is_empty()
+            && !ingress_next;
+        if incremental {
+            self.validate_changes(&next, &dirty, &dirty_set, &changes.addresses)
+        } else {
+            next.validate()
+        }
+        .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
+        self.check_capabilities(
+            &dirty
+                .iter()
+                .filter_map(|n| next.farms.get(n))
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
+        drop(dirty_set);
         // The allocation is changed in place (taken out of `self` for the duration), with
         // an undo record of the touched farms; the full path works on a copy.
         let space = bucket_space(self.cfg.masquerade_mark);
@@ -426,7 +598,7 @@ impl Engine {
             }
             return Err(Failure::new(400, "error parsing buffer", e));
         }
-        let unchanged = next == self.state
+        let unchanged = changes.is_empty()
             && if incremental {
                 !slots_undo.changed(&slots)
             } else {
@@ -539,7 +711,7 @@ impl Engine {
             // writes a snapshot directly, without building a journal entry first.
             let small = self.snapshot_bytes > 0 && dirty.len() <= 1000.max(next.farms.len() / 10);
             let entry = small
-                .then(|| journal_entry(&self.state, &next, &self.slots, &slots, seq))
+                .then(|| journal_entry(&self.state, &next, &changes, &dirty, &slots, seq))
                 .flatten()
                 .filter(|e| self.journal_bytes + e.len() <= self.snapshot_bytes.max(1 << 20));
             let saved = match &entry {
@@ -558,20 +730,14 @@ impl Engine {
                 Ok(n) if entry.is_some() => {
                     self.journal_bytes += n;
                     // Cached snapshot pieces of objects this change touched are stale now.
-                    for (name, obj) in &next.farms {
-                        if self.state.farms.get(name) != Some(obj) {
-                            self.fragments.farms.remove(name);
-                        }
+                    for name in &changes.farms {
+                        self.fragments.farms.remove(name);
                     }
-                    for (name, obj) in &next.policies {
-                        if self.state.policies.get(name) != Some(obj) {
-                            self.fragments.policies.remove(name);
-                        }
+                    for name in &changes.policies {
+                        self.fragments.policies.remove(name);
                     }
-                    for (name, obj) in &next.addresses {
-                        if self.state.addresses.get(name) != Some(obj) {
-                            self.fragments.addresses.remove(name);
-                        }
+                    for name in &changes.addresses {
+                        self.fragments.addresses.remove(name);
                     }
                 }
                 Ok(_) => self.journal_bytes = 0,
@@ -617,10 +783,12 @@ impl Engine {
             stamp(&mut self.ruleset, next_seq);
             self.last_notes.retain(|(farm, _)| !dirty.contains(farm));
             self.last_notes.extend(render_notes);
+            self.ix.update(&self.state, &next, &dirty);
         } else {
             self.ruleset = new_part;
             self.frags = new_frags;
             self.last_notes = render_notes;
+            self.ix = Indexes::of(&next);
         }
         self.state = next;
         self.slots = slots;
@@ -1012,14 +1180,14 @@ impl Engine {
                     .collect();
                 list("farms", items)
             }
-            ["farms", name] => match st.farms.get(*name) {
+            ["farms", name] => match st.farms.get(name) {
                 Some(f) => {
                     let v = self.farm_with_counters(st, f);
                     list("farms", vec![v])
                 }
                 None => unknown("farm", name),
             },
-            ["farms", name, "sessions"] => match st.farms.get(*name) {
+            ["farms", name, "sessions"] => match st.farms.get(name) {
                 Some(f) => {
                     let mut list = match document::sessions_json(f) {
                         Value::Array(a) => a,
@@ -1051,7 +1219,7 @@ impl Engine {
                     .collect();
                 list("policies", items)
             }
-            ["policies", name] => match st.policies.get(*name) {
+            ["policies", name] => match st.policies.get(name) {
                 Some(p) => {
                     let v = self.policy_with_counters(st, p);
                     list("policies", vec![v])
@@ -1065,7 +1233,7 @@ impl Engine {
                     .map(|a| document::address_top_json(st, a, View::Client))
                     .collect(),
             ),
-            ["addresses", name] => match st.addresses.get(*name) {
+            ["addresses", name] => match st.addresses.get(name) {
                 Some(a) => list(
                     "addresses",
                     vec![document::address_top_json(st, a, View::Client)],
@@ -1101,7 +1269,7 @@ impl Engine {
                 }
             }
             ["farms", name] => {
-                if !next.farms.contains_key(*name) {
+                if !next.farms.contains_key(name) {
                     return Err(nf("error deleting farm", format!("Unknown farm '{name}'")));
                 }
                 remove_farm(&mut next, name);
@@ -1109,7 +1277,7 @@ impl Engine {
             ["farms", name, rest @ ..] => {
                 let farm = Arc::make_mut(
                     next.farms
-                        .get_mut(*name)
+                        .get_mut(name)
                         .ok_or_else(|| nf("invalid request", format!("Unknown farm '{name}'")))?,
                 );
                 match rest {
@@ -1197,11 +1365,11 @@ impl Engine {
                 }
             }
             ["policies"] => {
-                next.policies.clear();
+                next.policies.retain(|_, _| false);
                 detach_policies(&mut next, None);
             }
             ["policies", name, rest @ ..] => {
-                if !next.policies.contains_key(*name) {
+                if !next.policies.contains_key(name) {
                     return Err(nf(
                         "error deleting policy",
                         format!("Unknown policy '{name}'"),
@@ -1209,10 +1377,14 @@ impl Engine {
                 }
                 match rest {
                     [] => {
-                        next.policies.shift_remove(*name);
+                        next.policies.shift_remove(name);
                         detach_policies(&mut next, Some(name));
                     }
-                    ["elements"] => Arc::make_mut(&mut next.policies[*name]).elements.clear(),
+                    ["elements"] => {
+                        if let Some(p) = next.policies.get_mut(name) {
+                            Arc::make_mut(p).elements.clear()
+                        }
+                    }
                     ["elements", data] | ["elements", data, ""] => {
                         remove_element(&mut next, name, data)?
                     }
@@ -1231,7 +1403,7 @@ impl Engine {
                 }
             }
             ["addresses", name] => {
-                if !next.addresses.contains_key(*name) {
+                if !next.addresses.contains_key(name) {
                     return Err(nf(
                         "error deleting address",
                         format!("Unknown address '{name}'"),
@@ -1250,7 +1422,7 @@ impl Engine {
                         format!("Address '{name}' is used by farm '{f}'"),
                     ));
                 }
-                next.addresses.shift_remove(*name);
+                next.addresses.shift_remove(name);
             }
             _ => return Err(Failure::new(400, "invalid request", "unknown path")),
         }
@@ -1302,8 +1474,8 @@ fn saved_text(
     fn section<T: PartialEq>(
         out: &mut String,
         key: &str,
-        old: &indexmap::IndexMap<String, T>,
-        next: &indexmap::IndexMap<String, T>,
+        old: &Table<T>,
+        next: &Table<T>,
         prev: &HashMap<String, Arc<str>>,
         fresh: &mut HashMap<String, Arc<str>>,
         json: impl Fn(&T) -> Value,
@@ -1313,7 +1485,7 @@ fn saved_text(
         out.push_str("\":[");
         for (i, (name, obj)) in next.iter().enumerate() {
             let text = match (old.get(name), prev.get(name)) {
-                (Some(o), Some(t)) if o == obj => t.clone(),
+                (Some(o), Some(t)) if Arc::ptr_eq(o, obj) || o == obj => t.clone(),
                 _ => Arc::from(json(obj).to_string()),
             };
             if i > 0 {
@@ -1368,60 +1540,53 @@ fn saved_text(
 fn journal_entry(
     old: &State,
     next: &State,
-    old_slots: &Slots,
+    changes: &Changes,
+    dirty: &[String],
     slots: &Slots,
     seq: u64,
 ) -> Option<String> {
-    fn section<T: PartialEq>(
-        old: &indexmap::IndexMap<String, T>,
-        next: &indexmap::IndexMap<String, T>,
+    if changes.reordered {
+        return None;
+    }
+    // Objects added or replaced, in their order in `next` (added ones come after every
+    // kept one), and the names removed.
+    fn section<T>(
+        old: &Table<T>,
+        next: &Table<T>,
+        names: &[String],
         json: impl Fn(&T) -> Value,
-    ) -> Option<(Vec<Value>, Vec<String>, Vec<String>)> {
-        // Kept names must keep their order, and new names come after all of them.
-        let mut seen_new = false;
-        let mut kept = old.keys().filter(|k| next.contains_key(*k));
-        for k in next.keys() {
-            if old.contains_key(k) {
-                if seen_new || kept.next() != Some(k) {
-                    return None;
-                }
-            } else {
-                seen_new = true;
-            }
-        }
-        let mut set = Vec::new();
-        let mut names = Vec::new();
-        for (k, v) in next {
-            if old.get(k) != Some(v) {
-                set.push(json(v));
-                names.push(k.clone());
-            }
-        }
-        let del: Vec<String> = old
-            .keys()
-            .filter(|k| !next.contains_key(*k))
+    ) -> (Vec<Value>, Vec<String>, Vec<String>) {
+        let mut kept: Vec<(u64, &String)> = names
+            .iter()
+            .filter_map(|n| next.position(n).map(|p| (p, n)))
+            .collect();
+        kept.sort();
+        let set = kept.iter().map(|(_, n)| json(&next[*n])).collect();
+        let set_names = kept.into_iter().map(|(_, n)| n.clone()).collect();
+        let del = names
+            .iter()
+            .filter(|n| !next.contains_key(n) && old.contains_key(n))
             .cloned()
             .collect();
-        Some((set, del, names))
+        (set, del, set_names)
     }
-    let (pset, pdel, _) = section(&old.policies, &next.policies, |p| {
+    let (pset, pdel, _) = section(&old.policies, &next.policies, &changes.policies, |p| {
         document::policy_json(next, p, View::Store)
-    })?;
-    let (aset, adel, _) = section(&old.addresses, &next.addresses, |a| {
+    });
+    let (aset, adel, _) = section(&old.addresses, &next.addresses, &changes.addresses, |a| {
         document::address_top_json(next, a, View::Store)
-    })?;
-    let (fset, fdel, fnames) = section(&old.farms, &next.farms, |f| {
+    });
+    let (fset, fdel, fnames) = section(&old.farms, &next.farms, &changes.farms, |f| {
         document::farm_json(next, f, View::Store)
-    })?;
+    });
     let mut slot_entries = Map::new();
-    for n in fnames.iter().chain(fdel.iter()) {
+    for n in fnames.iter().chain(fdel.iter()).chain(dirty) {
         slot_entries.insert(
             n.clone(),
             serde_json::to_value(slots.get(n)).expect("slots serialise"),
         );
     }
     let (free, next_off) = slots.allocator();
-    let _ = old_slots;
     let entry = serde_json::json!({
         "seq": seq,
         "set": {"policies": pset, "addresses": aset, "farms": fset},
@@ -1474,10 +1639,10 @@ fn replay(
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_string();
-            let idx = match kind {
-                "policies" => st.policies.get_index_of(&name),
-                "addresses" => st.addresses.get_index_of(&name),
-                _ => st.farms.get_index_of(&name),
+            let pos = match kind {
+                "policies" => st.policies.position(&name),
+                "addresses" => st.addresses.position(&name),
+                _ => st.farms.position(&name),
             };
             match kind {
                 "policies" => {
@@ -1494,16 +1659,11 @@ fn replay(
             doc.insert(kind.into(), Value::Array(vec![obj.clone()]));
             document::apply_document(st, &Value::Object(doc), &ApplyMode::Upsert, pcfg)
                 .map_err(|e| e.to_string())?;
-            if let Some(i) = idx {
-                let last = match kind {
-                    "policies" => st.policies.len(),
-                    "addresses" => st.addresses.len(),
-                    _ => st.farms.len(),
-                } - 1;
+            if let Some(p) = pos {
                 match kind {
-                    "policies" => st.policies.move_index(last, i),
-                    "addresses" => st.addresses.move_index(last, i),
-                    _ => st.farms.move_index(last, i),
+                    "policies" => st.policies.place_at(&name, p),
+                    "addresses" => st.addresses.place_at(&name, p),
+                    _ => st.farms.place_at(&name, p),
                 }
             }
         }
@@ -1650,14 +1810,16 @@ fn remove_element(st: &mut State, policy: &str, data: &str) -> Result<(), Failur
 
 fn detach_policies(st: &mut State, name: Option<&str>) {
     let keep = |p: &String| name.is_some_and(|n| p != n);
-    for f in st.farms.values_mut() {
+    st.farms.for_each_mut(|f| {
         if !f.policies.iter().all(keep) {
             Arc::make_mut(f).policies.retain(keep);
         }
-    }
-    for a in st.addresses.values_mut() {
-        a.policies.retain(keep);
-    }
+    });
+    st.addresses.for_each_mut(|a| {
+        if !a.policies.iter().all(keep) {
+            Arc::make_mut(a).policies.retain(keep);
+        }
+    });
 }
 
 /// Deletes a farm and the addresses only it used (unless they carry policies).
@@ -1954,6 +2116,76 @@ mod tests {
             assert_eq!(r.status, 400, "{body}: {}", r.body);
             assert_eq!(e.state(), &before, "{body}");
         }
+    }
+    #[test]
+    fn overlapping_services_are_refused_against_kept_and_new_farms() {
+        let mut e = engine();
+        req(&mut e, "POST", "/farms", FARM);
+        let before = e.state().clone();
+        // Two new farms of one request that overlap each other.
+        let r = req(
+            &mut e,
+            "POST",
+            "/farms",
+            r#"{"farms":[{"name":"x","virtual-addr":"198.18.0.2","virtual-ports":"1000-2000"},
+            {"name":"y","virtual-addr":"198.18.0.2","virtual-ports":"1500"}]}"#,
+        );
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(
+            r.body.contains("farm 'y'") && r.body.contains("farm 'x'"),
+            "{}",
+            r.body
+        );
+        assert_eq!(e.state(), &before);
+        // A range over a kept farm's port.
+        let r = req(
+            &mut e,
+            "POST",
+            "/farms",
+            r#"{"farms":[{"name":"z","virtual-addr":"198.18.0.1","virtual-ports":"70-90"}]}"#,
+        );
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(
+            r.body.contains("overlaps address 'lb-addr' of farm 'lb'"),
+            "{}",
+            r.body
+        );
+        // Once lb moves to another port, its old port is free (the index follows changes),
+        // and lb's new port is taken.
+        let r = req(
+            &mut e,
+            "POST",
+            "/farms",
+            r#"{"farms":[{"name":"lb","virtual-ports":"81"}]}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = req(
+            &mut e,
+            "POST",
+            "/farms",
+            r#"{"farms":[{"name":"z","virtual-addr":"198.18.0.1","virtual-ports":"80"}]}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = req(
+            &mut e,
+            "POST",
+            "/farms",
+            r#"{"farms":[{"name":"w","virtual-addr":"198.18.0.1","virtual-ports":"81"}]}"#,
+        );
+        assert_eq!(r.status, 400, "{}", r.body);
+        // A deleted farm frees its service.
+        assert_eq!(req(&mut e, "DELETE", "/farms/lb", "").status, 200);
+        let r = req(
+            &mut e,
+            "POST",
+            "/farms",
+            r#"{"farms":[{"name":"w","virtual-addr":"198.18.0.1","virtual-ports":"81"}]}"#,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        // The indexes equal ones built from scratch.
+        let fresh = ServiceIndex::of(e.state());
+        assert_eq!(e.ix.services.entries(), fresh.entries());
+        assert!(!fresh.entries().is_empty());
     }
 }
 

@@ -158,10 +158,12 @@ fn needs(state: &State) -> Needs {
 
 /// Whether any farm needs network facts.
 pub fn needed(state: &State) -> bool {
-    state
-        .farms
-        .values()
-        .any(|f| f.state == FarmState::Up && matches!(f.mode, Mode::Dsr | Mode::Stlsdnat))
+    state.farms.values().any(|f| farm_needs(f))
+}
+
+/// Whether this farm's rules depend on the live network (an up dsr/stlsdnat farm).
+pub fn farm_needs(f: &crate::model::Farm) -> bool {
+    f.state == FarmState::Up && matches!(f.mode, Mode::Dsr | Mode::Stlsdnat)
 }
 
 // ---------------------------------------------------------------------------

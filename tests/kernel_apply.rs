@@ -210,6 +210,13 @@ fn incremental_changes_equal_a_fresh_start() {
         ("POST", "/farms", r#"{"farms":[{"name":"v6","newname":"v6b"}]}"#.into()),
         ("DELETE", "/farms/web", String::new()),
         ("POST", "/farms", r#"{"farms":[{"name":"dns","state":"up","virtual-ports":"53,5300-5399"}]}"#.into()),
+        // A top-level address used by a farm: changing the address re-renders the farm.
+        ("POST", "/addresses", r#"{"addresses":[{"name":"shared","family":"ipv4","ip-addr":"198.18.0.150",
+            "ports":"8080","protocol":"tcp"}]}"#.into()),
+        ("POST", "/farms", r#"{"farms":[{"name":"s1","addresses":[{"name":"shared"}],
+            "backends":[{"name":"a","ip-addr":"198.18.1.31"}]}]}"#.into()),
+        ("POST", "/addresses", r#"{"addresses":[{"name":"shared","ports":"8081-8082","protocol":"udp"}]}"#.into()),
+        ("DELETE", "/farms/s1", String::new()),
         ("POST", "/farms", r#"{"policies":[{"name":"bl","elements":[{"data":"198.18.9.0/24"},{"data":"198.18.8.8"}]},
             {"name":"wl","type":"whitelist","elements":[{"data":"198.18.0.0/16"}]},
             {"name":"bl6","family":"ipv6","elements":[{"data":"2001:2:9::/48"}]}],

@@ -1,12 +1,14 @@
 //! The desired state: farms, backends, addresses, policies and static sessions.
 //! Pure data and validation, no I/O.
 
+pub mod table;
 pub mod types;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 
 use indexmap::IndexMap;
+pub use table::Table;
 
 pub use types::*;
 
@@ -325,11 +327,11 @@ pub fn parse_element(s: &str, family: Family) -> ValueResult<String> {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct State {
     /// Farms by name.
-    pub farms: IndexMap<String, std::sync::Arc<Farm>>,
+    pub farms: Table<Farm>,
     /// Policies by name.
-    pub policies: IndexMap<String, std::sync::Arc<Policy>>,
+    pub policies: Table<Policy>,
     /// Addresses by name.
-    pub addresses: IndexMap<String, Address>,
+    pub addresses: Table<Address>,
 }
 
 /// The effective state of a backend as GET shows it.
@@ -363,7 +365,9 @@ impl BackendStatus {
 impl State {
     /// The addresses of a farm, in order.
     pub fn farm_addresses<'a>(&'a self, farm: &'a Farm) -> impl Iterator<Item = &'a Address> {
-        farm.addresses.iter().filter_map(|n| self.addresses.get(n))
+        farm.addresses
+            .iter()
+            .filter_map(|n| self.addresses.get(n).map(|a| &**a))
     }
 
     /// The family a farm serves: the union of its addresses' families.
@@ -459,95 +463,102 @@ impl State {
                 .count()
     }
 
-    /// Cross-object checks that parsing one object cannot do. Returns the first problem.
+    /// The services a farm claims: (protocol, virtual address, port range, address name).
+    pub fn farm_services<'a>(
+        &'a self,
+        farm: &'a Farm,
+    ) -> impl Iterator<Item = (ServiceKey, PortRange, &'a str)> + 'a {
+        self.farm_addresses(farm).flat_map(|a| {
+            a.protocol.l4().iter().flat_map(move |&proto| {
+                a.ports
+                    .ranges()
+                    .into_iter()
+                    .map(move |r| ((proto, a.ip_addr), r, a.name.as_str()))
+            })
+        })
+    }
+
+    /// Cross-object checks that parsing one object cannot do, over the whole state.
+    /// Returns the first problem.
     pub fn validate(&self) -> Result<(), String> {
-        // Every service (protocol, address, port range) belongs to at most one farm,
-        // otherwise the service map would be ambiguous.
-        type Key = (&'static str, Option<IpAddr>);
-        let mut seen: HashMap<Key, Vec<(PortRange, &str, &str)>> = HashMap::new();
+        let mut seen = ServiceIndex::default();
         for farm in self.farms.values() {
-            for a in self.farm_addresses(farm) {
-                for proto in a.protocol.l4() {
-                    for r in a.ports.ranges() {
-                        let entry = seen.entry((proto, a.ip_addr)).or_default();
-                        if let Some((_, other_farm, other_addr)) =
-                            entry.iter().find(|(o, _, _)| o.overlaps(&r))
-                        {
-                            return Err(format!(
-                                "address '{}' of farm '{}' ({} {} port {}) overlaps address '{}' of farm '{}'",
-                                a.name,
-                                farm.name,
-                                proto,
-                                a.ip_addr.map(|i| i.to_string()).unwrap_or_else(|| "*".into()),
-                                r,
-                                other_addr,
-                                other_farm
-                            ));
-                        }
-                        entry.push((r, &farm.name, &a.name));
-                    }
-                }
+            for (key, r, addr) in self.farm_services(farm) {
+                seen.check(key, r, &farm.name, addr, |_| true)?;
+                seen.add(key, r, &farm.name, addr);
             }
-            if !farm.helper.fits(self.farm_protocol(farm)) {
-                return Err(format!(
-                    "farm '{}' doesn't validate helper protocol: helper '{}' does not work with protocol '{}'",
-                    farm.name,
-                    farm.helper.as_str(),
-                    self.farm_protocol(farm).as_str()
-                ));
-            }
-            if let Some(src) = farm.source_addr {
-                if !self.farm_family(farm).admits(&src) {
-                    return Err(format!(
-                        "farm '{}': source-addr '{}' is not of the farm's family {}",
-                        farm.name,
-                        src,
-                        self.farm_family(farm).as_str()
-                    ));
-                }
-            }
-            if !farm.persistence.is_empty() {
-                // nft 1.0.6 aborts (an assertion in netlink_linearize.c) on `update @map`
-                // with a key over 16 bytes, so such keys are refused here.
-                let v6 = matches!(self.farm_family(farm), Family::Ipv6 | Family::Inet);
-                let size: usize = farm
-                    .persistence
-                    .set_names()
-                    .iter()
-                    .map(|f| match *f {
-                        "srcip" | "dstip" if v6 => 16,
-                        "srcip" | "dstip" | "srcport" | "dstport" => 4,
-                        _ => 8,
-                    })
-                    .sum();
-                if size > 16 {
-                    return Err(format!(
-                        "Invalid value '{}' of key 'persistence' in farm '{}': this key is {size} bytes{}; nftables supports persistence keys of at most 16 bytes",
-                        farm.persistence.to_spaced(),
-                        farm.name,
-                        if v6 { " with IPv6" } else { "" }
-                    ));
-                }
-            }
-            for s in &farm.sessions {
-                if farm.backend_index(&s.backend).is_none() {
-                    return Err(format!(
-                        "unknown backend '{}' in session '{}' of farm '{}'",
-                        s.backend, s.client, farm.name
-                    ));
-                }
-            }
+            self.validate_farm(farm)?;
         }
         for a in self.addresses.values() {
-            if let Some(ip) = a.ip_addr {
-                if !a.family.admits(&ip) {
-                    return Err(format!(
-                        "address '{}': ip-addr '{}' is not of family {}",
-                        a.name,
-                        ip,
-                        a.family.as_str()
-                    ));
-                }
+            Self::validate_address(a)?;
+        }
+        Ok(())
+    }
+
+    /// The checks of one farm that do not involve other farms.
+    pub fn validate_farm(&self, farm: &Farm) -> Result<(), String> {
+        if !farm.helper.fits(self.farm_protocol(farm)) {
+            return Err(format!(
+                "farm '{}' doesn't validate helper protocol: helper '{}' does not work with protocol '{}'",
+                farm.name,
+                farm.helper.as_str(),
+                self.farm_protocol(farm).as_str()
+            ));
+        }
+        if let Some(src) = farm.source_addr {
+            if !self.farm_family(farm).admits(&src) {
+                return Err(format!(
+                    "farm '{}': source-addr '{}' is not of the farm's family {}",
+                    farm.name,
+                    src,
+                    self.farm_family(farm).as_str()
+                ));
+            }
+        }
+        if !farm.persistence.is_empty() {
+            // nft 1.0.6 aborts (an assertion in netlink_linearize.c) on `update @map`
+            // with a key over 16 bytes, so such keys are refused here.
+            let v6 = matches!(self.farm_family(farm), Family::Ipv6 | Family::Inet);
+            let size: usize = farm
+                .persistence
+                .set_names()
+                .iter()
+                .map(|f| match *f {
+                    "srcip" | "dstip" if v6 => 16,
+                    "srcip" | "dstip" | "srcport" | "dstport" => 4,
+                    _ => 8,
+                })
+                .sum();
+            if size > 16 {
+                return Err(format!(
+                    "Invalid value '{}' of key 'persistence' in farm '{}': this key is {size} bytes{}; nftables supports persistence keys of at most 16 bytes",
+                    farm.persistence.to_spaced(),
+                    farm.name,
+                    if v6 { " with IPv6" } else { "" }
+                ));
+            }
+        }
+        for s in &farm.sessions {
+            if farm.backend_index(&s.backend).is_none() {
+                return Err(format!(
+                    "unknown backend '{}' in session '{}' of farm '{}'",
+                    s.backend, s.client, farm.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The checks of one address on its own.
+    pub fn validate_address(a: &Address) -> Result<(), String> {
+        if let Some(ip) = a.ip_addr {
+            if !a.family.admits(&ip) {
+                return Err(format!(
+                    "address '{}': ip-addr '{}' is not of family {}",
+                    a.name,
+                    ip,
+                    a.family.as_str()
+                ));
             }
         }
         Ok(())
@@ -559,6 +570,99 @@ impl State {
             .next()
             .map(|a| a.protocol)
             .unwrap_or_default()
+    }
+}
+
+/// A service's protocol and virtual address (`None`: any address).
+pub type ServiceKey = (&'static str, Option<IpAddr>);
+
+/// Which farm claims each service, to refuse overlapping ones (the service maps would be
+/// ambiguous). Kept up to date by the engine, so that a change checks only the farms it
+/// touched.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceIndex {
+    by_key: HashMap<ServiceKey, Vec<(PortRange, String, String)>>,
+}
+
+impl ServiceIndex {
+    /// An index of every farm of `st`.
+    pub fn of(st: &State) -> Self {
+        let mut ix = Self::default();
+        for farm in st.farms.values() {
+            ix.add_farm(st, farm);
+        }
+        ix
+    }
+
+    /// Records a service of `farm` (through address `addr`).
+    pub fn add(&mut self, key: ServiceKey, r: PortRange, farm: &str, addr: &str) {
+        self.by_key
+            .entry(key)
+            .or_default()
+            .push((r, farm.to_string(), addr.to_string()));
+    }
+
+    /// Every entry as text, sorted (to compare indexes).
+    pub fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .by_key
+            .iter()
+            .flat_map(|((p, ip), list)| {
+                list.iter()
+                    .map(move |(r, f, a)| format!("{p} {ip:?} {r} {f} {a}"))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Records every service of `farm`.
+    pub fn add_farm(&mut self, st: &State, farm: &Farm) {
+        for (key, r, addr) in st.farm_services(farm) {
+            self.add(key, r, &farm.name, addr);
+        }
+    }
+
+    /// Forgets every service of the farm called `name` that `st` records for it.
+    pub fn remove_farm(&mut self, st: &State, name: &str) {
+        let Some(farm) = st.farms.get(name) else {
+            return;
+        };
+        for (key, _, _) in st.farm_services(farm) {
+            if let Some(v) = self.by_key.get_mut(&key) {
+                v.retain(|(_, f, _)| f != name);
+                if v.is_empty() {
+                    self.by_key.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// An error if the service overlaps one of a farm for which `counts` is true.
+    pub fn check(
+        &self,
+        key: ServiceKey,
+        r: PortRange,
+        farm: &str,
+        addr: &str,
+        counts: impl Fn(&str) -> bool,
+    ) -> Result<(), String> {
+        let Some(v) = self.by_key.get(&key) else {
+            return Ok(());
+        };
+        match v.iter().find(|(o, f, _)| counts(f) && o.overlaps(&r)) {
+            Some((_, other_farm, other_addr)) => Err(format!(
+                "address '{}' of farm '{}' ({} {} port {}) overlaps address '{}' of farm '{}'",
+                addr,
+                farm,
+                key.0,
+                key.1.map(|i| i.to_string()).unwrap_or_else(|| "*".into()),
+                r,
+                other_addr,
+                other_farm
+            )),
+            None => Ok(()),
+        }
     }
 }
 

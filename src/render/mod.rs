@@ -164,7 +164,7 @@ impl Slots {
         let gone: Vec<String> = self
             .by_farm
             .keys()
-            .filter(|n| !state.farms.contains_key(*n))
+            .filter(|n| !state.farms.contains_key(n))
             .cloned()
             .collect();
         let names: Vec<&String> = state.farms.keys().collect();
@@ -1249,7 +1249,8 @@ pub(crate) mod tests {
         let before = state(json!({"farms":[{"name":"h","virtual-addr":"198.18.0.1",
             "virtual-ports":"80","scheduler":"hash","backends":backends}]}));
         let mut after = before.clone();
-        std::sync::Arc::make_mut(&mut after.farms[0]).backends[3].state = BackendState::Down;
+        std::sync::Arc::make_mut(after.farms.get_mut("h").unwrap()).backends[3].state =
+            BackendState::Down;
         let sl = slots(&before);
         let owners = |st: &State| -> BTreeMap<String, String> {
             render(st, &sl, &NetView::default(), &CFG).0.tables[&TableFamily::Ip].maps["buckets"]
@@ -1280,7 +1281,8 @@ pub(crate) mod tests {
             {"name":"b","ip-addr":"198.18.1.2","weight":"3"},
             {"name":"c","ip-addr":"198.18.1.3","weight":"4"}]}]}));
         let mut after = before.clone();
-        std::sync::Arc::make_mut(&mut after.farms[0]).backends[2].state = BackendState::Down;
+        std::sync::Arc::make_mut(after.farms.get_mut("w").unwrap()).backends[2].state =
+            BackendState::Down;
         let sl = slots(&before);
         let r = |st: &State| render(st, &sl, &NetView::default(), &CFG).0;
         let (a, b) = (r(&before), r(&after));
