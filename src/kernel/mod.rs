@@ -4,6 +4,7 @@
 mod cli;
 mod fake;
 mod ffi;
+pub mod netlink;
 
 pub use cli::CliKernel;
 pub use fake::FakeKernel;
