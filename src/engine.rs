@@ -10,6 +10,7 @@ use std::time::Instant;
 use serde_json::{Map, Value};
 
 use crate::document::{self, ApplyMode, DocError, ParseConfig, View};
+use crate::kernel::netlink;
 use crate::kernel::{Capabilities, Kernel, KernelError};
 use crate::model::*;
 use crate::netinfo;
@@ -126,6 +127,8 @@ pub struct Engine {
     frags: HashMap<String, Fragment>,
     /// Indexes over `state`, so that a change is checked from the names it touched.
     ix: Indexes,
+    /// Transactions applied through `nl`.
+    netlink_txs: u64,
 }
 
 /// Indexes over the committed state that let a change be validated and rendered from
@@ -269,6 +272,7 @@ impl Engine {
             snapshot_bytes: 0,
             frags: HashMap::new(),
             ix: Indexes::default(),
+            netlink_txs: 0,
         }
     }
 
@@ -463,6 +467,36 @@ impl Engine {
                 })
             }
         }
+    }
+
+    /// Applies one transaction. Element-only transactions (backend changes, most farm
+    /// changes) go straight to the kernel over netlink: libnftables would first dump
+    /// every chain of the ruleset, which costs more than the change itself once there are
+    /// many farms. Anything else, and a batch the kernel refuses (to get nft's own error
+    /// message), goes through libnftables.
+    fn apply_tx(&mut self, tx: &crate::ruleset::Transaction) -> Result<(), KernelError> {
+        let rs = &self.ruleset;
+        let batch = netlink::encode(&tx.commands, |fam, name| {
+            rs.tables.get(&fam)?.maps.get(name).map(|m| m.spec.clone())
+        });
+        if let Some(batch) = batch {
+            match self.kernel.apply_elements(&batch) {
+                Some(Ok(())) => {
+                    self.netlink_txs += 1;
+                    return Ok(());
+                }
+                Some(Err(e)) => {
+                    tracing::info!("netlink batch not applied ({e}); using libnftables")
+                }
+                None => {}
+            }
+        }
+        self.kernel.apply(&tx.to_text())
+    }
+
+    /// How many transactions went over the netlink element path.
+    pub fn netlink_transactions(&self) -> u64 {
+        self.netlink_txs
     }
 
     /// [`State::validate`] for a change, from the committed state's indexes: only the
@@ -682,7 +716,7 @@ impl Engine {
         };
         if !tx.is_empty() {
             tracing::debug!("transaction:\n{}", tx.to_text());
-            if let Err(e) = self.kernel.apply(&tx.to_text()) {
+            if let Err(e) = self.apply_tx(&tx) {
                 // Our tables may have been changed behind our back (for example deleted by
                 // hand): bring them to the new state from scratch, in one transaction.
                 tracing::warn!("incremental transaction failed ({e}); resynchronising");

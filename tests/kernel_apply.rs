@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nftlb::engine::{Engine, EngineConfig, Request};
+use nftlb::kernel::netlink::{ElementBatch, NetlinkWriter};
 use nftlb::kernel::{Kernel, KernelError};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -124,8 +125,26 @@ impl Drop for Ns {
     }
 }
 
-/// `nft -f -` inside a namespace.
-struct NsKernel(String);
+/// `nft -f -` inside a namespace, and a netlink writer opened inside it.
+struct NsKernel(String, Option<NetlinkWriter>);
+
+impl NsKernel {
+    fn new(ns: &str) -> NsKernel {
+        // A netlink socket belongs to the namespace of the thread that opens it.
+        let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        let w = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            assert_eq!(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            NetlinkWriter::new().expect("netlink socket")
+        })
+        .join()
+        .unwrap();
+        NsKernel(ns.to_string(), Some(w))
+    }
+}
 
 impl Kernel for NsKernel {
     fn apply(&mut self, commands: &str) -> Result<(), KernelError> {
@@ -156,6 +175,9 @@ impl Kernel for NsKernel {
     fn name(&self) -> &'static str {
         "netns-cli"
     }
+    fn apply_elements(&mut self, batch: &ElementBatch) -> Option<Result<(), KernelError>> {
+        Some(self.1.as_mut()?.apply(batch))
+    }
 }
 
 impl Ns {
@@ -169,7 +191,7 @@ impl Ns {
 
 fn engine(ns: &Ns) -> Engine {
     let mut e = Engine::new(
-        Box::new(NsKernel(ns.0.clone())),
+        Box::new(NsKernel::new(&ns.0)),
         None,
         EngineConfig {
             masquerade_mark: 0x8000_0000,
@@ -210,6 +232,16 @@ fn incremental_changes_equal_a_fresh_start() {
         ("POST", "/farms", r#"{"farms":[{"name":"v6","newname":"v6b"}]}"#.into()),
         ("DELETE", "/farms/web", String::new()),
         ("POST", "/farms", r#"{"farms":[{"name":"dns","state":"up","virtual-ports":"53,5300-5399"}]}"#.into()),
+        // Backend changes of weight and hash farms: elements only.
+        ("POST", "/farms", r#"{"farms":[{"name":"el","virtual-addr":"198.18.0.160","virtual-ports":"80",
+            "scheduler":"weight","backends":[{"name":"a","ip-addr":"198.18.1.41"},{"name":"b","ip-addr":"198.18.1.42"},
+            {"name":"c","ip-addr":"198.18.1.43"}]}]}"#.into()),
+        ("POST", "/farms", r#"{"farms":[{"name":"el","backends":[{"name":"b","state":"down"}]}]}"#.into()),
+        ("POST", "/farms", r#"{"farms":[{"name":"el","backends":[{"name":"b","state":"up"}]}]}"#.into()),
+        ("POST", "/farms", r#"{"farms":[{"name":"el","backends":[{"name":"c","weight":"5"}]}]}"#.into()),
+        ("POST", "/farms", r#"{"farms":[{"name":"el","scheduler":"hash","backends":[{"name":"a","state":"off"}]}]}"#.into()),
+        ("POST", "/farms", r#"{"farms":[{"name":"el","backends":[{"name":"a","state":"up"}]}]}"#.into()),
+        ("DELETE", "/farms/el", String::new()),
         // A top-level address used by a farm: changing the address re-renders the farm.
         ("POST", "/addresses", r#"{"addresses":[{"name":"shared","family":"ipv4","ip-addr":"198.18.0.150",
             "ports":"8080","protocol":"tcp"}]}"#.into()),
@@ -253,7 +285,7 @@ fn incremental_changes_equal_a_fresh_start() {
         let file = std::env::temp_dir().join(format!("{}.json", b.0));
         std::fs::write(&file, e.saved().to_string()).unwrap();
         let mut fresh = Engine::new(
-            Box::new(NsKernel(b.0.clone())),
+            Box::new(NsKernel::new(&b.0)),
             Some(nftlb::store::Store::new(&file)),
             EngineConfig {
                 masquerade_mark: 0x8000_0000,
@@ -263,6 +295,13 @@ fn incremental_changes_equal_a_fresh_start() {
         let _ = std::fs::remove_file(&file);
         assert_eq!(a.listing(), b.listing(), "after step {i}: {m} {p}");
     }
+    // Element-only steps (backend states, ports) went over the netlink element path, and
+    // the listings above show they left the kernel as a fresh start would.
+    assert!(
+        e.netlink_transactions() >= 3,
+        "{}",
+        e.netlink_transactions()
+    );
     // Deleting everything leaves empty base tables only.
     assert_eq!(send(&mut e, "DELETE", "/farms", ""), 200);
     let l = a.listing();
@@ -295,7 +334,7 @@ fn restart_resyncs_in_place_and_removes_leftovers() {
     st.farms.shift_remove("y");
     let doc = nftlb::document::state_document(&st);
     let mut e2 = Engine::new(
-        Box::new(NsKernel(a.0.clone())),
+        Box::new(NsKernel::new(&a.0)),
         None,
         EngineConfig {
             masquerade_mark: 0x8000_0000,
@@ -308,7 +347,7 @@ fn restart_resyncs_in_place_and_removes_leftovers() {
     assert!(after.contains("farm-x"), "{after}");
     let b = Ns::new();
     let mut fresh = Engine::new(
-        Box::new(NsKernel(b.0.clone())),
+        Box::new(NsKernel::new(&b.0)),
         None,
         EngineConfig {
             masquerade_mark: 0x8000_0000,
@@ -401,7 +440,7 @@ fn restart_on_unchanged_rules_rewrites_nothing() {
     let _ = std::fs::remove_file(file.with_extension("json.journal"));
     let start = |count: &std::sync::Arc<AtomicUsize>| {
         let mut e = Engine::new(
-            Box::new(Counting(NsKernel(a.0.clone()), count.clone())),
+            Box::new(Counting(NsKernel::new(&a.0), count.clone())),
             Some(nftlb::store::Store::new(&file)),
             EngineConfig {
                 masquerade_mark: 0x8000_0000,

@@ -8,6 +8,7 @@ use super::{summarize_error, Kernel, KernelError};
 /// Runs the `nft` binary for each transaction.
 pub struct CliKernel {
     nft: String,
+    nl: super::LazyWriter,
 }
 
 impl CliKernel {
@@ -18,7 +19,10 @@ impl CliKernel {
             .arg("--version")
             .output()
             .map_err(|e| KernelError::Unavailable(format!("cannot run {nft}: {e}")))?;
-        Ok(CliKernel { nft })
+        Ok(CliKernel {
+            nft,
+            nl: Default::default(),
+        })
     }
 
     fn run(&self, args: &[&str], stdin: &str) -> Result<String, KernelError> {
@@ -65,5 +69,11 @@ impl Kernel for CliKernel {
     }
     fn name(&self) -> &'static str {
         "nft-cli"
+    }
+    fn apply_elements(
+        &mut self,
+        batch: &super::netlink::ElementBatch,
+    ) -> Option<Result<(), KernelError>> {
+        self.nl.apply(batch)
     }
 }

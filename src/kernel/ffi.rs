@@ -30,6 +30,7 @@ extern "C" {
 /// A libnftables context. Not thread-safe: it lives on one thread (the writer).
 pub struct LibKernel {
     ctx: *mut NftCtx,
+    nl: super::LazyWriter,
 }
 
 // SAFETY: the context is only ever used by the thread that owns the `LibKernel`; moving
@@ -54,7 +55,10 @@ impl LibKernel {
         // Terse: listings leave out set elements (our own memory has them).
         // SAFETY: ctx is valid.
         unsafe { nft_ctx_output_set_flags(ctx, NFT_CTX_OUTPUT_TERSE) };
-        Ok(LibKernel { ctx })
+        Ok(LibKernel {
+            ctx,
+            nl: Default::default(),
+        })
     }
 
     fn run(&mut self, text: &str) -> Result<String, KernelError> {
@@ -116,5 +120,11 @@ impl Kernel for LibKernel {
     }
     fn name(&self) -> &'static str {
         "libnftables"
+    }
+    fn apply_elements(
+        &mut self,
+        batch: &super::netlink::ElementBatch,
+    ) -> Option<Result<(), KernelError>> {
+        self.nl.apply(batch)
     }
 }

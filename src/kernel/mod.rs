@@ -35,6 +35,42 @@ pub trait Kernel: Send {
     fn list_json(&mut self, command: &str) -> Result<serde_json::Value, KernelError>;
     /// A short name for logs.
     fn name(&self) -> &'static str;
+    /// Applies an element-only batch straight over netlink, in the network namespace this
+    /// backend manages, as one transaction. `None`: this backend has no netlink path (the
+    /// caller then uses [`Kernel::apply`]).
+    fn apply_elements(
+        &mut self,
+        _batch: &netlink::ElementBatch,
+    ) -> Option<Result<(), KernelError>> {
+        None
+    }
+}
+
+/// A lazily opened netlink writer for the backends that run in the daemon's own network
+/// namespace. After an error whose outcome is unknown the socket is reopened.
+#[derive(Default)]
+pub(crate) struct LazyWriter(Option<netlink::NetlinkWriter>);
+
+impl LazyWriter {
+    pub(crate) fn apply(
+        &mut self,
+        batch: &netlink::ElementBatch,
+    ) -> Option<Result<(), KernelError>> {
+        if self.0.is_none() {
+            match netlink::NetlinkWriter::new() {
+                Ok(w) => self.0 = Some(w),
+                Err(e) => {
+                    tracing::warn!("netlink writer unavailable: {e}");
+                    return None;
+                }
+            }
+        }
+        let r = self.0.as_mut()?.apply(batch);
+        if matches!(r, Err(KernelError::Unavailable(_))) {
+            self.0 = None;
+        }
+        Some(r)
+    }
 }
 
 /// Trims nft's error output to its useful lines (it repeats the input with carets).
