@@ -16,7 +16,7 @@ use crate::model::*;
 use crate::netinfo;
 use crate::render::{
     bucket_space, id_base, merge_into, remove_from, render_base, render_fragment, session_maps,
-    skeleton, RenderConfig, Slots,
+    skeleton, RenderConfig, Slots, PLAIN_PREFIX,
 };
 use crate::ruleset::{parse_listing, plan, resync, Ruleset, TableFamily, TABLE};
 use crate::store::Store;
@@ -127,8 +127,10 @@ pub struct Engine {
     frags: HashMap<String, Fragment>,
     /// Indexes over `state`, so that a change is checked from the names it touched.
     ix: Indexes,
-    /// Transactions applied through `nl`.
+    /// Transactions applied over netlink.
     netlink_txs: u64,
+    /// How many farms use each chain shared by plain farms.
+    shared_refs: HashMap<(TableFamily, String), usize>,
 }
 
 /// Indexes over the committed state that let a change be validated and rendered from
@@ -273,6 +275,7 @@ impl Engine {
             frags: HashMap::new(),
             ix: Indexes::default(),
             netlink_txs: 0,
+            shared_refs: HashMap::new(),
         }
     }
 
@@ -354,6 +357,10 @@ impl Engine {
             .map_err(|e| format!("configuration: {e}"))?;
         let net = netinfo::gather(&st);
         let (rs, notes, frags) = self.render_full(&st, &slots, &net);
+        self.shared_refs.clear();
+        for f in frags.values() {
+            count_shared(&mut self.shared_refs, &f.rules, true);
+        }
         self.frags = frags;
         for (_, n) in &notes {
             tracing::warn!("{n}");
@@ -418,6 +425,54 @@ impl Engine {
             frags.insert(name.clone(), Fragment { rules });
         }
         (rs, notes, frags)
+    }
+
+    /// The shared chains the fragments of `dirty` farms use before or after a change, each
+    /// with whether any farm uses it before and after (`shared_refs` counts every farm).
+    fn shared_chain_changes(
+        &self,
+        dirty: &[String],
+        new_frags: &HashMap<String, Fragment>,
+    ) -> BTreeMap<(TableFamily, String), (bool, bool)> {
+        let mut delta: BTreeMap<(TableFamily, String), i64> = BTreeMap::new();
+        for name in dirty {
+            if let Some(f) = self.frags.get(name) {
+                for key in shared_chains(&f.rules) {
+                    *delta.entry(key).or_default() -= 1;
+                }
+            }
+            if let Some(f) = new_frags.get(name) {
+                for key in shared_chains(&f.rules) {
+                    *delta.entry(key).or_default() += 1;
+                }
+            }
+        }
+        delta
+            .into_iter()
+            .map(|(key, d)| {
+                let n = self.shared_refs.get(&key).copied().unwrap_or(0) as i64;
+                (key, (n > 0, n + d > 0))
+            })
+            .collect()
+    }
+
+    /// A shared chain's rules, from the new fragments or the current ruleset.
+    fn shared_chain(
+        &self,
+        key: &(TableFamily, String),
+        new_frags: &HashMap<String, Fragment>,
+    ) -> Option<crate::ruleset::Chain> {
+        let (fam, name) = key;
+        self.ruleset
+            .tables
+            .get(fam)
+            .and_then(|t| t.chains.get(name))
+            .or_else(|| {
+                new_frags
+                    .values()
+                    .find_map(|f| f.rules.tables.get(fam)?.chains.get(name))
+            })
+            .cloned()
     }
 
     /// The generation recorded in the kernel's rules, if any.
@@ -667,6 +722,12 @@ impl Engine {
                     new_frags.insert(name.clone(), Fragment { rules });
                 }
             }
+            let shared = self.shared_chain_changes(&dirty, &new_frags);
+            for (key, (before, after)) in &shared {
+                let chain = self.shared_chain(key, &new_frags);
+                set_chain(&mut old_part, key, before.then(|| chain.clone()).flatten());
+                set_chain(&mut new_part, key, after.then_some(chain).flatten());
+            }
             (old_part, new_part, new_frags, render_notes)
         } else {
             let (rs, render_notes, frags) = self.render_full(&next, &slots, &net);
@@ -702,15 +763,7 @@ impl Engine {
             if !incremental {
                 return new_part.clone();
             }
-            let mut rs = me.ruleset.clone();
-            for name in &dirty {
-                if let Some(f) = me.frags.get(name) {
-                    remove_from(&mut rs, &f.rules, &skeleton(&cfg));
-                }
-                if let Some(f) = new_frags.get(name) {
-                    merge_into(&mut rs, &f.rules);
-                }
-            }
+            let mut rs = me.render_full(&next, &slots, &net).0;
             stamp(&mut rs, next_seq);
             rs
         };
@@ -804,15 +857,32 @@ impl Engine {
             "committed"
         );
         if incremental {
+            let shared_changes = self.shared_chain_changes(&dirty, &new_frags);
+            let shared_chains: Vec<_> = shared_changes
+                .iter()
+                .map(|(key, (_, after))| {
+                    let chain = if *after {
+                        self.shared_chain(key, &new_frags)
+                    } else {
+                        None
+                    };
+                    (key.clone(), chain)
+                })
+                .collect();
             let shared = skeleton(&cfg);
             for name in &dirty {
                 if let Some(f) = self.frags.remove(name) {
+                    count_shared(&mut self.shared_refs, &f.rules, false);
                     remove_from(&mut self.ruleset, &f.rules, &shared);
                 }
             }
             for (name, f) in new_frags {
+                count_shared(&mut self.shared_refs, &f.rules, true);
                 merge_into(&mut self.ruleset, &f.rules);
                 self.frags.insert(name, f);
+            }
+            for (key, chain) in shared_chains {
+                set_chain(&mut self.ruleset, &key, chain);
             }
             stamp(&mut self.ruleset, next_seq);
             self.last_notes.retain(|(farm, _)| !dirty.contains(farm));
@@ -820,6 +890,10 @@ impl Engine {
             self.ix.update(&self.state, &next, &dirty);
         } else {
             self.ruleset = new_part;
+            self.shared_refs.clear();
+            for f in new_frags.values() {
+                count_shared(&mut self.shared_refs, &f.rules, true);
+            }
             self.frags = new_frags;
             self.last_notes = render_notes;
             self.ix = Indexes::of(&next);
@@ -1854,6 +1928,44 @@ fn detach_policies(st: &mut State, name: Option<&str>) {
             Arc::make_mut(a).policies.retain(keep);
         }
     });
+}
+
+/// The chains shared by plain farms that a fragment uses.
+fn shared_chains(frag: &Ruleset) -> impl Iterator<Item = (TableFamily, String)> + '_ {
+    frag.tables.iter().flat_map(|(fam, t)| {
+        t.chains
+            .keys()
+            .filter(|n| n.starts_with(PLAIN_PREFIX))
+            .map(move |n| (*fam, n.clone()))
+    })
+}
+
+/// Counts (or uncounts) a fragment's uses of shared chains.
+fn count_shared(refs: &mut HashMap<(TableFamily, String), usize>, frag: &Ruleset, add: bool) {
+    for key in shared_chains(frag) {
+        let n = refs.entry(key.clone()).or_default();
+        if add {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                refs.remove(&key);
+            }
+        }
+    }
+}
+
+/// Puts a chain in a ruleset, or takes it out.
+fn set_chain(rs: &mut Ruleset, key: &(TableFamily, String), chain: Option<crate::ruleset::Chain>) {
+    let t = rs.tables.entry(key.0).or_default();
+    match chain {
+        Some(c) => {
+            t.chains.insert(key.1.clone(), c);
+        }
+        None => {
+            t.chains.remove(&key.1);
+        }
+    }
 }
 
 /// Deletes a farm and the addresses only it used (unless they carry policies).

@@ -403,11 +403,14 @@ fn more_backends_than_the_originals_4095_mark_limit() {
         5000,
         "backend elements in the kernel"
     );
+    // A fixed bucket count (room for 2 per backend, a power of two), in the chain every
+    // plain weight farm of that size shares: no farm has a chain of its own.
     let chain = a
-        .nft("", &["list", "chain", "ip", "nftlb", "farm-f9"])
+        .nft("", &["list", "chain", "ip", "nftlb", "lb-x-rnd-1024"])
         .unwrap();
-    // A fixed bucket count (room for 2 per backend, a power of two) shared by weight.
     assert!(chain.contains("numgen random mod 1024"), "{chain}");
+    let listing = a.nft("", &["list", "table", "ip", "nftlb"]).unwrap();
+    assert!(!listing.contains("chain farm-"), "{listing}");
 }
 
 /// Counts the transactions it applies (and forwards them to a namespace).

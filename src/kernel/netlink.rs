@@ -196,6 +196,8 @@ enum Ty {
     Ether,
     Ifname,
     Verdict,
+    /// A 32-bit integer in host byte order (what numgen and hash expressions yield).
+    U32Host,
 }
 
 impl Ty {
@@ -227,6 +229,10 @@ impl Ty {
             Ty::Proto => vec![parse_proto(s)?],
             Ty::Ether => parse_ether(s)?.to_vec(),
             Ty::Ifname => parse_ifname(s)?,
+            Ty::U32Host => u32::try_from(parse_decimal(s)?)
+                .ok()?
+                .to_ne_bytes()
+                .to_vec(),
             Ty::Verdict => return None,
         })
     }
@@ -329,6 +335,14 @@ fn parse_spec(spec: &str) -> Option<SetSpec> {
             .map(|(w, r)| (w, r.trim()))
             .unwrap_or((clause, ""));
         match word {
+            // The one `typeof` we declare (the plain farms' bucket map): a mark and a
+            // 32-bit host-order integer, to a mark.
+            "typeof" if ty.is_none() && rest == "ct mark . numgen random mod 16 : ct mark" => {
+                ty = Some(SetSpec {
+                    key: vec![Ty::Mark, Ty::U32Host],
+                    data: vec![Ty::Mark],
+                });
+            }
             "type" if ty.is_none() => {
                 let (k, d) = match rest.split_once(" : ") {
                     Some((k, d)) => (k, Some(d)),

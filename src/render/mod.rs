@@ -405,6 +405,29 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
             "type inet_proto . inet_service : verdict; flags interval;".to_string(),
         ),
         ("bk", format!("type mark : {at} . inet_service;")),
+        // Plain farms (see `plain`): the service's block offset, then (offset . bucket)
+        // to the backend identity. The typeof only gives the second field its type (a
+        // 32-bit integer, as any hash or numgen expression yields).
+        (
+            "offx",
+            format!("type inet_proto . {at} . inet_service : mark;"),
+        ),
+        (
+            "offi",
+            format!("type inet_proto . {at} . inet_service : mark; flags interval;"),
+        ),
+        (
+            "offpx",
+            "type inet_proto . inet_service : mark;".to_string(),
+        ),
+        (
+            "offp",
+            "type inet_proto . inet_service : mark; flags interval;".to_string(),
+        ),
+        (
+            "fbuckets",
+            "typeof ct mark . numgen random mod 16 : ct mark;".to_string(),
+        ),
         ("bki", format!("type mark : {at};")),
         ("srcaddr", format!("type mark : {at};")),
     ] {
@@ -491,6 +514,115 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
     );
     t
 }
+
+/// The chain of a farm that is not plain: persistence lookups, the scheduler, per-backend
+/// connection limits.
+#[allow(clippy::too_many_arguments)]
+fn farm_chain_rules(
+    farm: &Farm,
+    fam: TableFamily,
+    slot: &Slot,
+    cfg: &RenderConfig,
+    natable: &[(&Backend, IpAddr, u32)],
+    total: u32,
+    hashed: Option<u32>,
+    chain_name: String,
+    t: &mut Table,
+) {
+    let mut rules = Vec::new();
+    let persistent = !farm.persistence.is_empty();
+    let (key, key_type) = persist_key(&farm.persistence, fam);
+    let (ps, ss) = session_maps(farm, slot, fam, cfg);
+    if persistent {
+        // Static sessions, pinned to backends that can carry flows.
+        let mut statics = map(format!("type {key_type} : mark;"));
+        for sess in &farm.sessions {
+            let fits = sess.client.split(" . ").all(|part| {
+                part.parse::<IpAddr>()
+                    .map_or(true, |ip| fam_matches(fam, &ip))
+            });
+            let target = natable
+                .iter()
+                .find(|(b, _, _)| b.name == sess.backend)
+                .map(|(_, _, m)| *m);
+            if let (true, Some(m)) = (fits, target) {
+                statics.elements.insert(sess.client.clone(), mark(m));
+            }
+        }
+        t.maps.insert(ss.clone(), statics);
+        t.maps.insert(
+            ps.clone(),
+            MapDef {
+                kind: "map",
+                spec: format!(
+                    "type {key_type} : mark; flags dynamic,timeout; timeout {}s; size 1048576;",
+                    farm.persist_ttl.max(1)
+                ),
+                elements: BTreeMap::new(),
+                dynamic: true,
+            },
+        );
+        rules.push(format!("ct mark set {key} map @{ss} goto pick"));
+        rules.push(format!("ct mark set {key} map @{ps} goto pick"));
+    }
+    if total > 0 {
+        rules.push(format!(
+            "ct mark set {} offset {}",
+            sched_expr(farm, fam, hashed.unwrap_or(total)),
+            mark(slot.offset)
+        ));
+        rules.push("jump sched".to_string());
+        if persistent {
+            rules.push(format!("update @{ps} {{ {key} : ct mark }}"));
+        }
+        for (b, _, m) in natable {
+            if b.est_connlimit > 0 {
+                rules.push(format!(
+                    "ct mark {} ct count over {} drop",
+                    mark(*m),
+                    b.est_connlimit
+                ));
+            }
+        }
+        rules.push("goto pick".to_string());
+    } else {
+        // No usable backend: refuse new flows rather than let them reach a local
+        // socket on the virtual address.
+        rules.push("drop".to_string());
+    }
+    t.chains.insert(chain_name, Chain { base: None, rules });
+}
+
+/// Whether a NAT farm needs no chain of its own: a scheduler that keeps no per-farm state
+/// (not `rr`), no persistence and no per-backend connection limit. Most farms are plain;
+/// the kernel walks every chain on each commit, so per-farm chains cost every change.
+fn is_plain(farm: &Farm) -> bool {
+    matches!(
+        farm.scheduler,
+        Scheduler::Weight | Scheduler::Hash | Scheduler::Symhash
+    ) && farm.persistence.is_empty()
+        && farm.backends.iter().all(|b| b.est_connlimit == 0)
+}
+
+/// The name part shared by plain farms with the same scheduler expression.
+fn plain_sig(farm: &Farm, modulus: u32) -> String {
+    match farm.scheduler {
+        Scheduler::Weight => format!("rnd-{modulus}"),
+        Scheduler::Symhash => format!("sym-{modulus}"),
+        _ => format!("h-{}-{modulus}", farm.sched_param.set_names().join("-")),
+    }
+}
+
+/// The shared chain of plain farms served through service map `svc{variant}`.
+pub fn plain_chain(variant: &str, sig: &str) -> String {
+    format!(
+        "{PLAIN_PREFIX}{}-{sig}",
+        if variant.is_empty() { "i" } else { variant }
+    )
+}
+
+/// Names of the chains shared by plain farms start with this.
+pub const PLAIN_PREFIX: &str = "lb-";
 
 /// The scheduler expression over `modulus` buckets.
 fn sched_expr(farm: &Farm, fam: TableFamily, modulus: u32) -> String {
@@ -922,7 +1054,13 @@ fn render_farm(
         return;
     }
     let chain_name = farm_chain(&farm.name);
-    let goto = format!("goto {chain_name}");
+    let (picks, total) = picks(farm, statuses, fam);
+    let hashed = hash_buckets(farm).or_else(|| weight_buckets(farm));
+    // A plain farm has no chain of its own: its services jump to a chain shared by every
+    // plain farm with the same scheduler expression, which finds the farm's block through
+    // the service (`off*` maps) and the backend through (block . bucket).
+    let plain = is_plain(farm);
+    let sig = plain.then(|| plain_sig(farm, hashed.unwrap_or(total)));
     for a in &addrs {
         for p in a.protocol.l4() {
             for r in a.ports.ranges() {
@@ -933,14 +1071,47 @@ fn render_farm(
                     (None, true) => ("svcpx", format!("{p} . {r}")),
                     (None, false) => ("svcp", format!("{p} . {r}")),
                 };
-                insert(t, map, key.clone(), goto.clone());
+                let verdict = match &sig {
+                    // No usable backend: refuse new flows rather than let them reach a
+                    // local socket on the virtual address.
+                    Some(_) if total == 0 => "drop".to_string(),
+                    Some(sig) => {
+                        let variant = &map[3..];
+                        let off = format!("off{}", if variant.is_empty() { "i" } else { variant });
+                        let shared = plain_chain(variant, sig);
+                        if !t.chains.contains_key(&shared) {
+                            let lookup = if a.ip_addr.is_some() {
+                                format!("meta l4proto . {} daddr . th dport", ip_kw(fam))
+                            } else {
+                                "meta l4proto . th dport".to_string()
+                            };
+                            t.chains.insert(
+                                shared.clone(),
+                                Chain {
+                                    base: None,
+                                    rules: vec![
+                                        format!("ct mark set {lookup} map @{off}"),
+                                        format!(
+                                            "ct mark set ct mark . {} map @fbuckets",
+                                            sched_expr(farm, fam, hashed.unwrap_or(total))
+                                        ),
+                                        "goto pick".to_string(),
+                                    ],
+                                },
+                            );
+                        }
+                        insert(t, &off, key.clone(), mark(slot.offset));
+                        format!("goto {shared}")
+                    }
+                    None => format!("goto {chain_name}"),
+                };
+                insert(t, map, key.clone(), verdict.clone());
                 if farm.intra_connect {
-                    insert(t, &format!("o{map}"), key, goto.clone());
+                    insert(t, &format!("o{map}"), key, verdict);
                 }
             }
         }
     }
-    let (picks, total) = picks(farm, statuses, fam);
     let base = id_base(farm, slot, fam, cfg);
     let id_mark = |name: &str| slot.ids.get(name).map(|id| base + id);
     // Backends that can carry flows (new or pinned): up, available and off ones.
@@ -978,14 +1149,25 @@ fn render_farm(
             }
         }
     }
-    let hashed = hash_buckets(farm).or_else(|| weight_buckets(farm));
+    let mut bucket = |b: u32, m: u32| {
+        if plain {
+            insert(
+                t,
+                "fbuckets",
+                format!("{} . {b}", mark(slot.offset)),
+                mark(m),
+            );
+        } else {
+            insert(t, "buckets", mark(slot.offset + b), mark(m));
+        }
+    };
     match hashed {
         Some(n) if !picks.is_empty() && farm.scheduler == Scheduler::Weight => {
             let mut b = 0;
             for (pk, count) in picks.iter().zip(proportional(&picks, n)) {
                 if let Some(m) = id_mark(&pk.backend.name) {
                     for _ in 0..count {
-                        insert(t, "buckets", mark(slot.offset + b), mark(m));
+                        bucket(b, m);
                         b += 1;
                     }
                 }
@@ -995,7 +1177,7 @@ fn render_farm(
             for b in 0..n {
                 let owner = rendezvous(&picks, b).and_then(|i| id_mark(&picks[i].backend.name));
                 if let Some(m) = owner {
-                    insert(t, "buckets", mark(slot.offset + b), mark(m));
+                    bucket(b, m);
                 }
             }
         }
@@ -1003,75 +1185,16 @@ fn render_farm(
             for pk in &picks {
                 if let Some(m) = id_mark(&pk.backend.name) {
                     for b in pk.lo..pk.lo + pk.n {
-                        insert(t, "buckets", mark(slot.offset + b), mark(m));
+                        bucket(b, m);
                     }
                 }
             }
         }
     }
 
-    let mut rules = Vec::new();
-    let persistent = !farm.persistence.is_empty();
-    let (key, key_type) = persist_key(&farm.persistence, fam);
-    let (ps, ss) = session_maps(farm, slot, fam, cfg);
-    if persistent {
-        // Static sessions, pinned to backends that can carry flows.
-        let mut statics = map(format!("type {key_type} : mark;"));
-        for sess in &farm.sessions {
-            let fits = sess.client.split(" . ").all(|part| {
-                part.parse::<IpAddr>()
-                    .map_or(true, |ip| fam_matches(fam, &ip))
-            });
-            let target = natable
-                .iter()
-                .find(|(b, _, _)| b.name == sess.backend)
-                .map(|(_, _, m)| *m);
-            if let (true, Some(m)) = (fits, target) {
-                statics.elements.insert(sess.client.clone(), mark(m));
-            }
-        }
-        t.maps.insert(ss.clone(), statics);
-        t.maps.insert(
-            ps.clone(),
-            MapDef {
-                kind: "map",
-                spec: format!(
-                    "type {key_type} : mark; flags dynamic,timeout; timeout {}s; size 1048576;",
-                    farm.persist_ttl.max(1)
-                ),
-                elements: BTreeMap::new(),
-                dynamic: true,
-            },
-        );
-        rules.push(format!("ct mark set {key} map @{ss} goto pick"));
-        rules.push(format!("ct mark set {key} map @{ps} goto pick"));
+    if !plain {
+        farm_chain_rules(farm, fam, slot, cfg, &natable, total, hashed, chain_name, t);
     }
-    if total > 0 {
-        rules.push(format!(
-            "ct mark set {} offset {}",
-            sched_expr(farm, fam, hashed.unwrap_or(total)),
-            mark(slot.offset)
-        ));
-        rules.push("jump sched".to_string());
-        if persistent {
-            rules.push(format!("update @{ps} {{ {key} : ct mark }}"));
-        }
-        for (b, _, m) in &natable {
-            if b.est_connlimit > 0 {
-                rules.push(format!(
-                    "ct mark {} ct count over {} drop",
-                    mark(*m),
-                    b.est_connlimit
-                ));
-            }
-        }
-        rules.push("goto pick".to_string());
-    } else {
-        // No usable backend: refuse new flows rather than let them reach a local
-        // socket on the virtual address.
-        rules.push("drop".to_string());
-    }
-    t.chains.insert(chain_name, Chain { base: None, rules });
     let mut fwd_rules: Vec<String> = Vec::new();
     if farm.flow_offload {
         // Only reached where the kernel has flowtables (the engine refuses otherwise).
@@ -1253,7 +1376,7 @@ pub(crate) mod tests {
             BackendState::Down;
         let sl = slots(&before);
         let owners = |st: &State| -> BTreeMap<String, String> {
-            render(st, &sl, &NetView::default(), &CFG).0.tables[&TableFamily::Ip].maps["buckets"]
+            render(st, &sl, &NetView::default(), &CFG).0.tables[&TableFamily::Ip].maps["fbuckets"]
                 .elements
                 .clone()
         };
@@ -1265,12 +1388,15 @@ pub(crate) mod tests {
         // a tenth of them.
         assert_eq!(moved, b3, "{a:?}\n{b:?}");
         assert!((6..=22).contains(&b3), "b3 owns {b3} of 128 buckets");
-        // And the farm's rule does not change.
-        let rule = |st: &State| {
-            render(st, &sl, &NetView::default(), &CFG).0.tables[&TableFamily::Ip].chains["farm-h"]
+        // And no rule changes: a plain farm has no chain of its own, only the shared one.
+        let chains = |st: &State| {
+            render(st, &sl, &NetView::default(), &CFG).0.tables[&TableFamily::Ip]
+                .chains
                 .clone()
         };
-        assert_eq!(rule(&before), rule(&after));
+        assert_eq!(chains(&before), chains(&after));
+        assert!(!chains(&before).contains_key("farm-h"));
+        assert!(chains(&before)["lb-x-h-srcip-128"].rules[1].contains("jhash ip saddr mod 128"));
     }
 
     #[test]
@@ -1287,10 +1413,10 @@ pub(crate) mod tests {
         let r = |st: &State| render(st, &sl, &NetView::default(), &CFG).0;
         let (a, b) = (r(&before), r(&after));
         let ip = |rs: &Ruleset| rs.tables[&TableFamily::Ip].clone();
-        assert_eq!(ip(&a).chains["farm-w"], ip(&b).chains["farm-w"]);
-        assert!(ip(&a).chains["farm-w"].rules[0].contains("numgen random mod 16 "));
+        assert_eq!(ip(&a).chains, ip(&b).chains);
+        assert!(ip(&a).chains["lb-x-rnd-16"].rules[1].contains("numgen random mod 16 "));
         let count = |rs: &Ruleset, m: &str| {
-            ip(rs).maps["buckets"]
+            ip(rs).maps["fbuckets"]
                 .elements
                 .values()
                 .filter(|v| v.ends_with(m))
