@@ -18,7 +18,7 @@ use crate::render::{
     bucket_space, id_base, merge_into, remove_from, render_base, render_fragment, session_maps,
     skeleton, RenderConfig, Slots, PLAIN_PREFIX,
 };
-use crate::ruleset::{parse_listing, plan, resync, Ruleset, TableFamily, TABLE};
+use crate::ruleset::{parse_listing, plan, resync, split, Ruleset, TableFamily, TABLE};
 use crate::store::Store;
 
 /// An API request as the engine sees it.
@@ -500,6 +500,13 @@ impl Engine {
                 present.insert(fam, parse_listing(&text));
             }
         }
+        if present.is_empty() {
+            // None of our tables: create everything, then fill the maps over netlink.
+            let tx = plan(&Ruleset::default(), rs);
+            return self
+                .apply_tx(&tx, &[rs], true)
+                .map_err(|e| format!("cannot bring the kernel to the desired state: {e}"));
+        }
         let tx = resync(rs, &present);
         tracing::debug!("resync transaction:\n{}", tx.to_text());
         match self.kernel.apply(&tx.to_text()) {
@@ -526,15 +533,26 @@ impl Engine {
 
     /// Applies one transaction. Element-only transactions (backend changes, most farm
     /// changes) go straight to the kernel over netlink: libnftables would first dump
-    /// every chain of the ruleset, which costs more than the change itself once there are
-    /// many farms. Anything else, and a batch the kernel refuses (to get nft's own error
-    /// message), goes through libnftables.
-    fn apply_tx(&mut self, tx: &crate::ruleset::Transaction) -> Result<(), KernelError> {
-        let rs = &self.ruleset;
-        let batch = netlink::encode(&tx.commands, |fam, name| {
-            rs.tables.get(&fam)?.maps.get(name).map(|m| m.spec.clone())
-        });
-        if let Some(batch) = batch {
+    /// every chain of the ruleset and parse every element, which costs far more than the
+    /// change itself once there are many farms. A transaction that creates objects, sets
+    /// elements and removes objects goes as three batches in that order (see
+    /// [`split`]); if the elements are refused, the created objects are removed and the
+    /// whole transaction is handed to libnftables, for nft's own error message. `specs`
+    /// are the rulesets whose declarations the elements' maps are found in; `fresh` says
+    /// none of our tables exist yet.
+    fn apply_tx(
+        &mut self,
+        tx: &crate::ruleset::Transaction,
+        specs: &[&Ruleset],
+        fresh: bool,
+    ) -> Result<(), KernelError> {
+        let spec_of = |fam: TableFamily, name: &str| {
+            specs
+                .iter()
+                .find_map(|rs| rs.tables.get(&fam)?.maps.get(name))
+                .map(|m| m.spec.clone())
+        };
+        if let Some(batch) = netlink::encode(&tx.commands, spec_of) {
             match self.kernel.apply_elements(&batch) {
                 Some(Ok(())) => {
                     self.netlink_txs += 1;
@@ -545,8 +563,40 @@ impl Engine {
                 }
                 None => {}
             }
+            return self.kernel.apply(&tx.to_text());
         }
-        self.kernel.apply(&tx.to_text())
+        let parts = split(tx, fresh).and_then(|p| {
+            let batch = netlink::encode(&p.elements, spec_of)?;
+            Some((p, batch))
+        });
+        let Some((parts, batch)) = parts.filter(|_| self.kernel.has_netlink()) else {
+            return self.kernel.apply(&tx.to_text());
+        };
+        let lines = |c: &[String]| c.iter().map(|l| format!("{l}\n")).collect::<String>();
+        if !parts.create.is_empty() {
+            self.kernel.apply(&lines(&parts.create))?;
+        }
+        match self.kernel.apply_elements(&batch) {
+            Some(Ok(())) => {}
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::info!("netlink batch not applied ({e}); using libnftables");
+                }
+                if !parts.undo_create.is_empty() {
+                    if let Err(e) = self.kernel.apply(&lines(&parts.undo_create)) {
+                        tracing::warn!("cannot remove the objects just created: {e}");
+                    }
+                }
+                return self.kernel.apply(&tx.to_text());
+            }
+        }
+        self.netlink_txs += 1;
+        if !parts.remove.is_empty() {
+            // Only unreferenced objects are left to remove; if that fails the caller
+            // resynchronises the kernel.
+            self.kernel.apply(&lines(&parts.remove))?;
+        }
+        Ok(())
     }
 
     /// How many transactions went over the netlink element path.
@@ -769,7 +819,7 @@ impl Engine {
         };
         if !tx.is_empty() {
             tracing::debug!("transaction:\n{}", tx.to_text());
-            if let Err(e) = self.apply_tx(&tx) {
+            if let Err(e) = self.apply_tx(&tx, &[&new_part, &old_part], false) {
                 // Our tables may have been changed behind our back (for example deleted by
                 // hand): bring them to the new state from scratch, in one transaction.
                 tracing::warn!("incremental transaction failed ({e}); resynchronising");
@@ -848,14 +898,25 @@ impl Engine {
                 return Err(Failure::new(500, "error saving state", e));
             }
         }
-        tracing::debug!(
-            validate_render_us = (t1 - t0).as_micros() as u64,
-            plan_us = (t2 - t1).as_micros() as u64,
-            kernel_us = (t3 - t2).as_micros() as u64,
-            store_us = t3.elapsed().as_micros() as u64,
-            commands = tx.commands.len(),
-            "committed"
-        );
+        // Slow commits are worth a line in the log, with where the time went.
+        macro_rules! committed {
+            ($lvl:ident) => {
+                tracing::$lvl!(
+                    validate_render_us = (t1 - t0).as_micros() as u64,
+                    plan_us = (t2 - t1).as_micros() as u64,
+                    kernel_us = (t3 - t2).as_micros() as u64,
+                    store_us = t3.elapsed().as_micros() as u64,
+                    commands = tx.commands.len(),
+                    farms = dirty.len(),
+                    "committed"
+                )
+            };
+        }
+        if t0.elapsed().as_millis() >= 500 {
+            committed!(info);
+        } else {
+            committed!(debug);
+        }
         if incremental {
             let shared_changes = self.shared_chain_changes(&dirty, &new_frags);
             let shared_chains: Vec<_> = shared_changes
@@ -1214,10 +1275,21 @@ impl Engine {
         mode: ApplyMode,
         base: &str,
     ) -> Result<Vec<String>, Failure> {
+        let t = Instant::now();
         let doc = Self::parse_body(body)?;
+        let t_parse = t.elapsed();
         let mut next = self.state.clone();
         let notes = document::apply_document(&mut next, &doc, &mode, &self.parse_cfg())
             .map_err(|e| doc_failure(base, e))?;
+        drop(doc);
+        if t.elapsed().as_millis() >= 500 {
+            tracing::info!(
+                parse_us = t_parse.as_micros() as u64,
+                document_us = (t.elapsed() - t_parse).as_micros() as u64,
+                bytes = body.len(),
+                "request parsed"
+            );
+        }
         self.commit(next, notes)
     }
 

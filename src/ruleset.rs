@@ -327,6 +327,101 @@ pub fn resync(desired: &Ruleset, present: &BTreeMap<TableFamily, Listing>) -> Tr
     tx
 }
 
+/// A transaction cut in three (see [`split`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Split {
+    /// Commands that only create objects (tables, maps, sets, chains with their rules,
+    /// counters, ct helpers).
+    pub create: Vec<String>,
+    /// The element commands.
+    pub elements: Vec<String>,
+    /// Commands that only empty or remove objects.
+    pub remove: Vec<String>,
+    /// Removes what `create` made (to run if the elements are refused).
+    pub undo_create: Vec<String>,
+}
+
+/// Cuts a transaction into objects created, then elements, then objects removed, so that
+/// the elements (nearly all of a large transaction) can go to the kernel in their own
+/// batch. Applied in that order it is safe for packets: created objects are not reachable
+/// until elements point at them, and removed ones no longer are. `None` when the
+/// transaction has another shape: a change to an existing chain, or (unless
+/// `allow_base`, for a start with none of our tables present) a new base chain, which
+/// would see packets before its maps are filled.
+pub fn split(tx: &Transaction, allow_base: bool) -> Option<Split> {
+    let is_elem = |c: &str| c.starts_with("add element ") || c.starts_with("delete element ");
+    let first = tx.commands.iter().position(|c| is_elem(c))?;
+    let last = tx.commands.iter().rposition(|c| is_elem(c))?;
+    let (create, rest) = tx.commands.split_at(first);
+    let (elements, remove) = rest.split_at(last - first + 1);
+    if !elements.iter().all(|c| is_elem(c)) {
+        return None;
+    }
+    let removal = [
+        "flush chain ",
+        "delete chain ",
+        "delete map ",
+        "delete set ",
+        "delete counter ",
+        "delete ct helper ",
+        "delete table ",
+    ];
+    if !remove
+        .iter()
+        .all(|c| removal.iter().any(|p| c.starts_with(p)))
+    {
+        return None;
+    }
+    // What `create` makes, by family: tables, chains, other objects (kind, name).
+    let mut tables: Vec<&str> = Vec::new();
+    let mut chains: Vec<(&str, &str)> = Vec::new();
+    let mut objects: Vec<(&str, &str, &str)> = Vec::new();
+    for c in create {
+        let w: Vec<&str> = c.split_whitespace().collect();
+        match w.as_slice() {
+            ["add", "table", fam, t] if *t == TABLE => tables.push(fam),
+            ["add", "chain", fam, t, name, rest @ ..] if *t == TABLE => {
+                if !rest.is_empty() && !allow_base {
+                    return None;
+                }
+                chains.push((fam, name));
+            }
+            ["add", "rule", fam, t, name, ..] if *t == TABLE => {
+                if !chains.contains(&(fam, name)) {
+                    return None;
+                }
+            }
+            ["add", kind @ ("map" | "set" | "counter"), fam, t, name, ..] if *t == TABLE => {
+                objects.push((kind, fam, name))
+            }
+            ["add", "ct", "helper", fam, t, name, ..] if *t == TABLE => {
+                objects.push(("ct helper", fam, name))
+            }
+            _ => return None,
+        }
+    }
+    let mut undo = Vec::new();
+    let outside = |fam: &str| !tables.contains(&fam);
+    for (fam, name) in chains.iter().filter(|(f, _)| outside(f)) {
+        undo.push(format!("flush chain {fam} {TABLE} {name}"));
+    }
+    for (kind, fam, name) in objects.iter().filter(|(_, f, _)| outside(f)) {
+        undo.push(format!("delete {kind} {fam} {TABLE} {name}"));
+    }
+    for (fam, name) in chains.iter().filter(|(f, _)| outside(f)) {
+        undo.push(format!("delete chain {fam} {TABLE} {name}"));
+    }
+    for fam in &tables {
+        undo.push(format!("delete table {fam} {TABLE}"));
+    }
+    Some(Split {
+        create: create.to_vec(),
+        elements: elements.to_vec(),
+        remove: remove.to_vec(),
+        undo_create: undo,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,6 +483,74 @@ mod tests {
             plan(&b, &Ruleset::default()).commands,
             vec!["delete table ip nftlb"]
         );
+    }
+
+    #[test]
+    fn split_cuts_creation_elements_and_removal() {
+        let tx = |c: &[&str]| Transaction {
+            commands: c.iter().map(|s| s.to_string()).collect(),
+        };
+        let t = tx(&[
+            "add map ip nftlb ps-a { type ipv4_addr : mark; }",
+            "add chain ip nftlb lb-x-rnd-16",
+            "add rule ip nftlb lb-x-rnd-16 goto pick",
+            "add element ip nftlb svcx { tcp . 198.18.0.1 . 80 : goto lb-x-rnd-16 }",
+            "delete element ip nftlb bk { 0x10 }",
+            "flush chain ip nftlb farm-old",
+            "delete chain ip nftlb farm-old",
+        ]);
+        let s = split(&t, false).unwrap();
+        assert_eq!(s.create.len(), 3);
+        assert_eq!(s.elements.len(), 2);
+        assert_eq!(s.remove.len(), 2);
+        assert_eq!(
+            s.undo_create,
+            vec![
+                "flush chain ip nftlb lb-x-rnd-16",
+                "delete map ip nftlb ps-a",
+                "delete chain ip nftlb lb-x-rnd-16"
+            ]
+        );
+        // A change to an existing chain is not cut (packets would see it early).
+        assert!(split(
+            &tx(&[
+                "flush chain ip nftlb farm-a",
+                "add rule ip nftlb farm-a drop",
+                "add element ip nftlb bk { 0x10 : 198.18.1.1 . 80 }"
+            ]),
+            false
+        )
+        .is_none());
+        assert!(split(
+            &tx(&[
+                "add rule ip nftlb farm-a drop",
+                "add element ip nftlb bk { 0x10 : 198.18.1.1 . 80 }"
+            ]),
+            false
+        )
+        .is_none());
+        // A new base chain only on a fresh start; its table goes on undo.
+        let fresh = tx(&[
+            "add table ip nftlb",
+            "add chain ip nftlb prerouting { type nat hook prerouting priority dstnat; policy accept; }",
+            "add element ip nftlb gen { 0x1 }",
+        ]);
+        assert!(split(&fresh, false).is_none());
+        assert_eq!(
+            split(&fresh, true).unwrap().undo_create,
+            vec!["delete table ip nftlb"]
+        );
+        // Elements must be one run; removals only after them.
+        assert!(split(
+            &tx(&[
+                "add element ip nftlb gen { 0x1 }",
+                "add chain ip nftlb c",
+                "delete element ip nftlb gen { 0x2 }"
+            ]),
+            false
+        )
+        .is_none());
+        assert!(split(&tx(&["add chain ip nftlb c"]), false).is_none());
     }
 
     #[test]

@@ -178,6 +178,9 @@ impl Kernel for NsKernel {
     fn apply_elements(&mut self, batch: &ElementBatch) -> Option<Result<(), KernelError>> {
         Some(self.1.as_mut()?.apply(batch))
     }
+    fn has_netlink(&self) -> bool {
+        self.1.is_some()
+    }
 }
 
 impl Ns {
@@ -307,6 +310,57 @@ fn incremental_changes_equal_a_fresh_start() {
     let l = a.listing();
     assert!(!l.contains("farm"), "{l}");
     assert!(!l.contains("goto"), "{l}");
+}
+
+/// A change cut into created objects, elements and removals whose element batch the
+/// kernel refuses: the created objects are taken back, and the engine brings the kernel
+/// to the new state from scratch, exactly as a fresh start would have it.
+#[test]
+fn refused_element_batch_takes_back_created_objects() {
+    let a = Ns::new();
+    let mut e = engine(&a);
+    let farm = r#"{"farms":[{"name":"x","virtual-addr":"198.18.0.1","virtual-ports":"80",
+        "scheduler":"weight","backends":[{"name":"a","ip-addr":"198.18.1.1"},{"name":"b","ip-addr":"198.18.1.2"}]}]}"#;
+    assert_eq!(send(&mut e, "POST", "/farms", farm), 200);
+    // The same shape of change, accepted: objects created by libnftables, elements over
+    // netlink.
+    let txs = e.netlink_transactions();
+    let ok = r#"{"farms":[{"name":"q","virtual-addr":"198.18.0.3","virtual-ports":"80",
+        "persistence":"srcip","backends":[{"name":"a","ip-addr":"198.18.1.4"}]},
+        {"name":"x","backends":[{"name":"b","weight":"2"}]}]}"#;
+    assert_eq!(send(&mut e, "POST", "/farms", ok), 200);
+    assert_eq!(e.netlink_transactions(), txs + 1);
+    assert!(a.listing().contains("chain farm-q"), "{}", a.listing());
+    // Behind the daemon's back: its backend map loses an element, so the next change's
+    // delete of that element is refused (ENOENT).
+    a.nft("flush map ip nftlb bki\n", &["-f", "-"]).unwrap();
+    // One request: a new farm with persistence (its own chain and maps: created first)
+    // and a backend change of x (element deletes: refused).
+    let body = r#"{"farms":[{"name":"p","virtual-addr":"198.18.0.2","virtual-ports":"80",
+        "persistence":"srcip","backends":[{"name":"a","ip-addr":"198.18.1.3"}]},
+        {"name":"x","backends":[{"name":"a","state":"down"}]}]}"#;
+    let txs = e.netlink_transactions();
+    assert_eq!(send(&mut e, "POST", "/farms", body), 200);
+    assert_eq!(
+        e.netlink_transactions(),
+        txs,
+        "the element batch was refused"
+    );
+    assert_eq!(e.fallbacks(), 1, "the engine resynchronised");
+    let b = Ns::new();
+    let file = std::env::temp_dir().join(format!("{}.json", b.0));
+    std::fs::write(&file, e.saved().to_string()).unwrap();
+    let mut fresh = Engine::new(
+        Box::new(NsKernel::new(&b.0)),
+        Some(nftlb::store::Store::new(&file)),
+        EngineConfig {
+            masquerade_mark: 0x8000_0000,
+        },
+    );
+    fresh.start(None, true).expect("fresh start");
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(a.listing(), b.listing());
+    assert!(a.listing().contains("chain farm-p"), "{}", a.listing());
 }
 
 #[test]

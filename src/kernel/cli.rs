@@ -76,4 +76,7 @@ impl Kernel for CliKernel {
     ) -> Option<Result<(), KernelError>> {
         self.nl.apply(batch)
     }
+    fn has_netlink(&self) -> bool {
+        true
+    }
 }

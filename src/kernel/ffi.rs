@@ -127,4 +127,7 @@ impl Kernel for LibKernel {
     ) -> Option<Result<(), KernelError>> {
         self.nl.apply(batch)
     }
+    fn has_netlink(&self) -> bool {
+        true
+    }
 }

@@ -44,6 +44,10 @@ pub trait Kernel: Send {
     ) -> Option<Result<(), KernelError>> {
         None
     }
+    /// Whether [`Kernel::apply_elements`] is implemented.
+    fn has_netlink(&self) -> bool {
+        false
+    }
 }
 
 /// A lazily opened netlink writer for the backends that run in the daemon's own network
