@@ -9,13 +9,14 @@ set -euo pipefail
 # nftables         `nft` for inspecting rulesets (the demo and tests list them)
 # libnftables-dev  headers and libnftables.so: the daemon links libnftables
 # pkg-config       finds libnftables at build time
+# make             builds jemalloc (the daemon's allocator) from source
 # iproute2         `ip netns`, veth pairs and bridges for the lab and tests
 # conntrack        inspecting/flushing connection tracking entries
 # curl             talking to the REST API
 # procps           sysctl, pgrep, ps
 # vsftpd           a real FTP server for the ftp-helper test (run by the test in a
 #                  namespace; the package's own service is kept from starting)
-PACKAGES=(nftables libnftables-dev pkg-config iproute2 conntrack curl procps vsftpd)
+PACKAGES=(nftables libnftables-dev pkg-config make iproute2 conntrack curl procps vsftpd)
 
 is_installed() {
     [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = "installed" ]

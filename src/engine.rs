@@ -124,13 +124,14 @@ pub struct Engine {
     snapshot_bytes: usize,
     /// Each farm's part of `ruleset`, with the farm it was rendered from, so that a change
     /// re-renders and plans only the farms it touched.
-    frags: HashMap<String, Fragment>,
+    /// Whether `ruleset` was rendered (after start), so that changes can be incremental.
+    rendered: bool,
     /// Indexes over `state`, so that a change is checked from the names it touched.
     ix: Indexes,
     /// Transactions applied over netlink.
     netlink_txs: u64,
     /// How many farms use each chain shared by plain farms.
-    shared_refs: HashMap<(TableFamily, String), usize>,
+    shared_refs: SharedRefs,
 }
 
 /// Indexes over the committed state that let a change be validated and rendered from
@@ -272,7 +273,7 @@ impl Engine {
             seq: 0,
             journal_bytes: 0,
             snapshot_bytes: 0,
-            frags: HashMap::new(),
+            rendered: false,
             ix: Indexes::default(),
             netlink_txs: 0,
             shared_refs: HashMap::new(),
@@ -356,12 +357,9 @@ impl Engine {
             .sync(&st, bucket_space(self.cfg.masquerade_mark))
             .map_err(|e| format!("configuration: {e}"))?;
         let net = netinfo::gather(&st);
-        let (rs, notes, frags) = self.render_full(&st, &slots, &net);
-        self.shared_refs.clear();
-        for f in frags.values() {
-            count_shared(&mut self.shared_refs, &f.rules, true);
-        }
-        self.frags = frags;
+        let (rs, notes, refs) = self.render_full(&st, &slots, &net);
+        self.shared_refs = refs;
+        self.rendered = true;
         for (_, n) in &notes {
             tracing::warn!("{n}");
         }
@@ -414,17 +412,17 @@ impl Engine {
         st: &State,
         slots: &Slots,
         net: &netinfo::NetView,
-    ) -> (Ruleset, Vec<(String, String)>, HashMap<String, Fragment>) {
+    ) -> (Ruleset, Vec<(String, String)>, SharedRefs) {
         let cfg = self.render_cfg();
         let (mut rs, mut notes) = render_base(st, slots, net, &cfg);
-        let mut frags = HashMap::with_capacity(st.farms.len());
-        for (name, farm) in st.farms.iter() {
+        let mut refs = SharedRefs::new();
+        for farm in st.farms.values() {
             let (rules, n) = render_fragment(st, farm, slots, &cfg);
             merge_into(&mut rs, &rules);
+            count_shared(&mut refs, &rules, true);
             notes.extend(n);
-            frags.insert(name.clone(), Fragment { rules });
         }
-        (rs, notes, frags)
+        (rs, notes, refs)
     }
 
     /// The shared chains the fragments of `dirty` farms use before or after a change, each
@@ -432,11 +430,12 @@ impl Engine {
     fn shared_chain_changes(
         &self,
         dirty: &[String],
+        old_frags: &HashMap<String, Fragment>,
         new_frags: &HashMap<String, Fragment>,
     ) -> BTreeMap<(TableFamily, String), (bool, bool)> {
         let mut delta: BTreeMap<(TableFamily, String), i64> = BTreeMap::new();
         for name in dirty {
-            if let Some(f) = self.frags.get(name) {
+            if let Some(f) = old_frags.get(name) {
                 for key in shared_chains(&f.rules) {
                     *delta.entry(key).or_default() -= 1;
                 }
@@ -696,7 +695,7 @@ impl Engine {
                 .flatten()
                 .any(|x| !x.policies.is_empty())
         });
-        let incremental = !self.frags.is_empty()
+        let incremental = self.rendered
             && changes.policies.is_empty()
             && !policy_addr
             && !changes.reordered
@@ -716,6 +715,21 @@ impl Engine {
         )
         .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
         drop(dirty_set);
+        // The touched farms' current fragments, rendered again from the current state
+        // (cheaper in memory than keeping every farm's fragment).
+        let old_frags: HashMap<String, Fragment> = if incremental {
+            let cfg = self.render_cfg();
+            dirty
+                .iter()
+                .filter_map(|n| {
+                    let farm = self.state.farms.get(n)?;
+                    let (rules, _) = render_fragment(&self.state, farm, &self.slots, &cfg);
+                    Some((n.clone(), Fragment { rules }))
+                })
+                .collect()
+        } else {
+            HashMap::new()
+        };
         // The allocation is changed in place (taken out of `self` for the duration), with
         // an undo record of the touched farms; the full path works on a copy.
         let space = bucket_space(self.cfg.masquerade_mark);
@@ -755,6 +769,7 @@ impl Engine {
             netinfo::gather(&next)
         };
         // (old part, new part) of the ruleset; the new fragments to keep.
+        let mut full_refs = None;
         let (mut old_part, mut new_part, new_frags, render_notes) = if incremental {
             let shared = skeleton(&cfg);
             let mut old_part = shared.clone();
@@ -762,7 +777,7 @@ impl Engine {
             let mut new_frags = HashMap::new();
             let mut render_notes = Vec::new();
             for name in &dirty {
-                if let Some(f) = self.frags.get(name) {
+                if let Some(f) = old_frags.get(name) {
                     merge_into(&mut old_part, &f.rules);
                 }
                 if let Some(farm) = next.farms.get(name) {
@@ -772,7 +787,7 @@ impl Engine {
                     new_frags.insert(name.clone(), Fragment { rules });
                 }
             }
-            let shared = self.shared_chain_changes(&dirty, &new_frags);
+            let shared = self.shared_chain_changes(&dirty, &old_frags, &new_frags);
             for (key, (before, after)) in &shared {
                 let chain = self.shared_chain(key, &new_frags);
                 set_chain(&mut old_part, key, before.then(|| chain.clone()).flatten());
@@ -780,8 +795,9 @@ impl Engine {
             }
             (old_part, new_part, new_frags, render_notes)
         } else {
-            let (rs, render_notes, frags) = self.render_full(&next, &slots, &net);
-            (self.ruleset.clone(), rs, frags, render_notes)
+            let (rs, render_notes, refs) = self.render_full(&next, &slots, &net);
+            full_refs = Some(refs);
+            (self.ruleset.clone(), rs, HashMap::new(), render_notes)
         };
         stamp(&mut old_part, self.seq);
         stamp(&mut new_part, next_seq);
@@ -918,7 +934,7 @@ impl Engine {
             committed!(debug);
         }
         if incremental {
-            let shared_changes = self.shared_chain_changes(&dirty, &new_frags);
+            let shared_changes = self.shared_chain_changes(&dirty, &old_frags, &new_frags);
             let shared_chains: Vec<_> = shared_changes
                 .iter()
                 .map(|(key, (_, after))| {
@@ -931,16 +947,13 @@ impl Engine {
                 })
                 .collect();
             let shared = skeleton(&cfg);
-            for name in &dirty {
-                if let Some(f) = self.frags.remove(name) {
-                    count_shared(&mut self.shared_refs, &f.rules, false);
-                    remove_from(&mut self.ruleset, &f.rules, &shared);
-                }
+            for f in old_frags.values() {
+                count_shared(&mut self.shared_refs, &f.rules, false);
+                remove_from(&mut self.ruleset, &f.rules, &shared);
             }
-            for (name, f) in new_frags {
+            for f in new_frags.values() {
                 count_shared(&mut self.shared_refs, &f.rules, true);
                 merge_into(&mut self.ruleset, &f.rules);
-                self.frags.insert(name, f);
             }
             for (key, chain) in shared_chains {
                 set_chain(&mut self.ruleset, &key, chain);
@@ -951,11 +964,8 @@ impl Engine {
             self.ix.update(&self.state, &next, &dirty);
         } else {
             self.ruleset = new_part;
-            self.shared_refs.clear();
-            for f in new_frags.values() {
-                count_shared(&mut self.shared_refs, &f.rules, true);
-            }
-            self.frags = new_frags;
+            self.shared_refs = full_refs.unwrap_or_default();
+            self.rendered = true;
             self.last_notes = render_notes;
             self.ix = Indexes::of(&next);
         }
@@ -2012,8 +2022,11 @@ fn shared_chains(frag: &Ruleset) -> impl Iterator<Item = (TableFamily, String)> 
     })
 }
 
+/// How many farms use each chain shared by plain farms.
+type SharedRefs = HashMap<(TableFamily, String), usize>;
+
 /// Counts (or uncounts) a fragment's uses of shared chains.
-fn count_shared(refs: &mut HashMap<(TableFamily, String), usize>, frag: &Ruleset, add: bool) {
+fn count_shared(refs: &mut SharedRefs, frag: &Ruleset, add: bool) {
     for key in shared_chains(frag) {
         let n = refs.entry(key.clone()).or_default();
         if add {

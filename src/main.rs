@@ -12,6 +12,11 @@ use nftlb::engine::{Engine, EngineConfig};
 use nftlb::store::Store;
 use nftlb::{kernel, logging};
 
+/// jemalloc returns freed memory to the system and fragments less than glibc's malloc
+/// under the daemon's pattern (a large burst for a bulk load, then small changes).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(args) {
