@@ -15,8 +15,8 @@ use crate::kernel::{Capabilities, Kernel, KernelError};
 use crate::model::*;
 use crate::netinfo;
 use crate::render::{
-    bucket_space, id_base, merge_into, remove_from, render_base, render_fragment, session_maps,
-    skeleton, RenderConfig, Slots, PLAIN_PREFIX,
+    bucket_space, id_base, merge_into, render_base, render_fragment, session_maps, skeleton,
+    RenderConfig, Slots, PLAIN_PREFIX,
 };
 use crate::ruleset::{parse_listing, plan, resync, split, Ruleset, TableFamily, TABLE};
 use crate::store::Store;
@@ -106,7 +106,6 @@ pub struct EngineConfig {
 pub struct Engine {
     state: State,
     slots: Slots,
-    ruleset: Ruleset,
     kernel: Box<dyn Kernel>,
     store: Option<Store>,
     cfg: EngineConfig,
@@ -261,7 +260,6 @@ impl Engine {
         Engine {
             state: State::default(),
             slots: Slots::default(),
-            ruleset: Ruleset::default(),
             kernel,
             store,
             cfg,
@@ -402,7 +400,6 @@ impl Engine {
         self.ix = Indexes::of(&st);
         self.state = st;
         self.slots = slots;
-        self.ruleset = rs;
         Ok(())
     }
 
@@ -455,23 +452,26 @@ impl Engine {
             .collect()
     }
 
-    /// A shared chain's rules, from the new fragments or the current ruleset.
+    /// A shared chain's rules, from the fragments of the touched farms (a chain that
+    /// appears or goes is in one of them; one that stays needs no command).
     fn shared_chain(
-        &self,
         key: &(TableFamily, String),
-        new_frags: &HashMap<String, Fragment>,
+        frags: [&HashMap<String, Fragment>; 2],
     ) -> Option<crate::ruleset::Chain> {
         let (fam, name) = key;
-        self.ruleset
-            .tables
-            .get(fam)
-            .and_then(|t| t.chains.get(name))
-            .or_else(|| {
-                new_frags
-                    .values()
-                    .find_map(|f| f.rules.tables.get(fam)?.chains.get(name))
-            })
+        frags
+            .iter()
+            .flat_map(|m| m.values())
+            .find_map(|f| f.rules.tables.get(fam)?.chains.get(name))
             .cloned()
+    }
+
+    /// The ruleset the kernel holds now, rendered again from the committed state (only
+    /// failures and whole-state changes need it).
+    fn current_ruleset(&self) -> Ruleset {
+        let mut rs = self.render_full(&self.state, &self.slots, &self.net).0;
+        stamp(&mut rs, self.seq);
+        rs
     }
 
     /// The generation recorded in the kernel's rules, if any.
@@ -789,7 +789,11 @@ impl Engine {
             }
             let shared = self.shared_chain_changes(&dirty, &old_frags, &new_frags);
             for (key, (before, after)) in &shared {
-                let chain = self.shared_chain(key, &new_frags);
+                // Kept by other farms: no command. Otherwise it appears or goes with the
+                // touched farms.
+                let chain = (before != after)
+                    .then(|| Self::shared_chain(key, [&old_frags, &new_frags]))
+                    .flatten();
                 set_chain(&mut old_part, key, before.then(|| chain.clone()).flatten());
                 set_chain(&mut new_part, key, after.then_some(chain).flatten());
             }
@@ -797,7 +801,7 @@ impl Engine {
         } else {
             let (rs, render_notes, refs) = self.render_full(&next, &slots, &net);
             full_refs = Some(refs);
-            (self.ruleset.clone(), rs, HashMap::new(), render_notes)
+            (self.current_ruleset(), rs, HashMap::new(), render_notes)
         };
         stamp(&mut old_part, self.seq);
         stamp(&mut new_part, next_seq);
@@ -842,13 +846,15 @@ impl Engine {
                 self.fallbacks += 1;
                 let rs = whole(self);
                 if let Err(e2) = self.resync_kernel(&rs) {
-                    let back = self.ruleset.clone();
-                    if let Err(e3) = self.resync_kernel(&back) {
-                        tracing::error!("cannot restore the previous ruleset: {e3}");
-                    }
+                    // The committed allocation goes back first: the previous ruleset is
+                    // rendered from it.
                     if incremental {
                         slots_undo.restore(&mut slots);
                         self.slots = slots;
+                    }
+                    let back = self.current_ruleset();
+                    if let Err(e3) = self.resync_kernel(&back) {
+                        tracing::error!("cannot restore the previous ruleset: {e3}");
                     }
                     return Err(kernel_failure(&e, &e2));
                 }
@@ -902,14 +908,14 @@ impl Engine {
             if let Err(e) = saved {
                 // Undo the kernel change so that memory, kernel and file agree.
                 let undo = plan(&new_part, &old_part);
-                if let Err(ke) = self.kernel.apply(&undo.to_text()) {
-                    tracing::error!("cannot undo after a store failure: {ke}");
-                    let back = self.ruleset.clone();
-                    let _ = self.resync_kernel(&back);
-                }
                 if incremental {
                     slots_undo.restore(&mut slots);
                     self.slots = slots;
+                }
+                if let Err(ke) = self.kernel.apply(&undo.to_text()) {
+                    tracing::error!("cannot undo after a store failure: {ke}");
+                    let back = self.current_ruleset();
+                    let _ = self.resync_kernel(&back);
                 }
                 return Err(Failure::new(500, "error saving state", e));
             }
@@ -934,36 +940,16 @@ impl Engine {
             committed!(debug);
         }
         if incremental {
-            let shared_changes = self.shared_chain_changes(&dirty, &old_frags, &new_frags);
-            let shared_chains: Vec<_> = shared_changes
-                .iter()
-                .map(|(key, (_, after))| {
-                    let chain = if *after {
-                        self.shared_chain(key, &new_frags)
-                    } else {
-                        None
-                    };
-                    (key.clone(), chain)
-                })
-                .collect();
-            let shared = skeleton(&cfg);
             for f in old_frags.values() {
                 count_shared(&mut self.shared_refs, &f.rules, false);
-                remove_from(&mut self.ruleset, &f.rules, &shared);
             }
             for f in new_frags.values() {
                 count_shared(&mut self.shared_refs, &f.rules, true);
-                merge_into(&mut self.ruleset, &f.rules);
             }
-            for (key, chain) in shared_chains {
-                set_chain(&mut self.ruleset, &key, chain);
-            }
-            stamp(&mut self.ruleset, next_seq);
             self.last_notes.retain(|(farm, _)| !dirty.contains(farm));
             self.last_notes.extend(render_notes);
             self.ix.update(&self.state, &next, &dirty);
         } else {
-            self.ruleset = new_part;
             self.shared_refs = full_refs.unwrap_or_default();
             self.rendered = true;
             self.last_notes = render_notes;
@@ -2140,7 +2126,7 @@ mod tests {
         e.start(None, false).unwrap();
         req(&mut e, "POST", "/farms", FARM);
         let before = e.state().clone();
-        let before_rs = e.ruleset.clone();
+        let before_rs = e.current_ruleset();
         let before_slots = e.slots.clone();
         e.kernel = Box::new(FakeKernel {
             failures: 3,
@@ -2155,7 +2141,7 @@ mod tests {
         assert_eq!(r.status, 500);
         assert!(r.body.contains("Operation not supported"), "{}", r.body);
         assert_eq!(e.state(), &before);
-        assert_eq!(e.ruleset, before_rs);
+        assert_eq!(e.current_ruleset(), before_rs);
         assert_eq!(e.slots, before_slots);
         // One failure only (say our table was deleted by hand): the resync heals it.
         e.kernel = Box::new(FakeKernel {
