@@ -15,7 +15,7 @@ use crate::kernel::{Capabilities, Kernel, KernelError};
 use crate::model::*;
 use crate::netinfo;
 use crate::render::{
-    bucket_space, id_base, merge_into, render_base, render_fragment, session_maps, skeleton,
+    bucket_space, id_base, merge_owned, render_base, render_fragment, session_maps, skeleton,
     RenderConfig, Slots, PLAIN_PREFIX,
 };
 use crate::ruleset::{parse_listing, plan, resync, split, Ruleset, TableFamily, TABLE};
@@ -141,6 +141,8 @@ struct Indexes {
     services: ServiceIndex,
     /// Address name → the farms that use it.
     users: HashMap<String, BTreeSet<String>>,
+    /// Policy name → the farms it is attached to.
+    policy_users: HashMap<String, BTreeSet<String>>,
     /// Farms whose rules depend on the live network.
     ingress: HashSet<String>,
 }
@@ -164,6 +166,12 @@ impl Indexes {
                 .or_default()
                 .insert(f.name.clone());
         }
+        for p in &f.policies {
+            self.policy_users
+                .entry(p.clone())
+                .or_default()
+                .insert(f.name.clone());
+        }
         if netinfo::farm_needs(f) {
             self.ingress.insert(f.name.clone());
         }
@@ -175,6 +183,14 @@ impl Indexes {
                 u.remove(&f.name);
                 if u.is_empty() {
                     self.users.remove(a);
+                }
+            }
+        }
+        for p in &f.policies {
+            if let Some(u) = self.policy_users.get_mut(p) {
+                u.remove(&f.name);
+                if u.is_empty() {
+                    self.policy_users.remove(p);
                 }
             }
         }
@@ -242,7 +258,26 @@ impl Changes {
 
 /// A farm's rendered part of the ruleset.
 struct Fragment {
-    rules: Ruleset,
+    /// The chains shared with other plain farms that the farm uses, with their rules.
+    shared: Vec<((TableFamily, String), crate::ruleset::Chain)>,
+}
+
+impl Fragment {
+    /// Notes a rendered fragment's shared chains and moves the rest into `into`.
+    fn merge(rules: Ruleset, into: &mut Ruleset) -> Fragment {
+        let shared = rules
+            .tables
+            .iter()
+            .flat_map(|(fam, t)| {
+                t.chains
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(PLAIN_PREFIX))
+                    .map(move |(n, c)| ((*fam, n.clone()), c.clone()))
+            })
+            .collect();
+        merge_owned(into, rules);
+        Fragment { shared }
+    }
 }
 
 /// Serialised state-file pieces of the current state, so that saving after a change
@@ -415,8 +450,7 @@ impl Engine {
         let mut refs = SharedRefs::new();
         for farm in st.farms.values() {
             let (rules, n) = render_fragment(st, farm, slots, &cfg);
-            merge_into(&mut rs, &rules);
-            count_shared(&mut refs, &rules, true);
+            count_shared(&mut refs, &Fragment::merge(rules, &mut rs), true);
             notes.extend(n);
         }
         (rs, notes, refs)
@@ -433,13 +467,13 @@ impl Engine {
         let mut delta: BTreeMap<(TableFamily, String), i64> = BTreeMap::new();
         for name in dirty {
             if let Some(f) = old_frags.get(name) {
-                for key in shared_chains(&f.rules) {
-                    *delta.entry(key).or_default() -= 1;
+                for (key, _) in &f.shared {
+                    *delta.entry(key.clone()).or_default() -= 1;
                 }
             }
             if let Some(f) = new_frags.get(name) {
-                for key in shared_chains(&f.rules) {
-                    *delta.entry(key).or_default() += 1;
+                for (key, _) in &f.shared {
+                    *delta.entry(key.clone()).or_default() += 1;
                 }
             }
         }
@@ -458,12 +492,12 @@ impl Engine {
         key: &(TableFamily, String),
         frags: [&HashMap<String, Fragment>; 2],
     ) -> Option<crate::ruleset::Chain> {
-        let (fam, name) = key;
         frags
             .iter()
             .flat_map(|m| m.values())
-            .find_map(|f| f.rules.tables.get(fam)?.chains.get(name))
-            .cloned()
+            .flat_map(|f| f.shared.iter())
+            .find(|(k, _)| k == key)
+            .map(|(_, c)| c.clone())
     }
 
     /// The ruleset the kernel holds now, rendered again from the committed state (only
@@ -662,23 +696,31 @@ impl Engine {
         let t0 = Instant::now();
         let changes = Changes::take(&self.state, &mut next);
         // Farms this change touches: changed, added or removed, and every user of a
-        // changed address.
+        // changed address or policy.
         let mut dirty: Vec<String> = changes.farms.clone();
         {
             let mut seen: HashSet<&str> = dirty.iter().map(String::as_str).collect();
             let mut extra = Vec::new();
-            for a in &changes.addresses {
-                let users = self.ix.users.get(a).into_iter().flatten();
-                for u in users {
-                    if seen.insert(u) {
-                        extra.push(u.clone());
-                    }
+            let users = changes
+                .addresses
+                .iter()
+                .filter_map(|a| self.ix.users.get(a))
+                .chain(
+                    changes
+                        .policies
+                        .iter()
+                        .filter_map(|p| self.ix.policy_users.get(p)),
+                );
+            for u in users.flatten() {
+                if seen.insert(u) {
+                    extra.push(u.clone());
                 }
             }
             dirty.extend(extra);
         }
-        // Policies, addresses carrying policies, and farms that depend on the live network
-        // are rendered with the whole state; everything else farm by farm.
+        // Farms that depend on the live network are rendered with the whole state;
+        // everything else farm by farm, plus the base (policies, standalone addresses)
+        // when a policy or an address carrying policies changed.
         let dirty_set: HashSet<&str> = dirty.iter().map(String::as_str).collect();
         let ingress_next = self
             .ix
@@ -695,12 +737,23 @@ impl Engine {
                 .flatten()
                 .any(|x| !x.policies.is_empty())
         });
-        let incremental = self.rendered
-            && changes.policies.is_empty()
-            && !policy_addr
-            && !changes.reordered
-            && self.ix.ingress.is_empty()
-            && !ingress_next;
+        // (A standalone address with policies is filtered in the base while no farm uses
+        // it, so a farm taking or leaving one changes the base too.)
+        let farm_policy_addr = dirty.iter().any(|n| {
+            [self.state.farms.get(n), next.farms.get(n)]
+                .into_iter()
+                .flatten()
+                .flat_map(|f| f.addresses.iter())
+                .any(|a| {
+                    [self.state.addresses.get(a), next.addresses.get(a)]
+                        .into_iter()
+                        .flatten()
+                        .any(|x| !x.policies.is_empty())
+                })
+        });
+        let base_changed = !changes.policies.is_empty() || policy_addr || farm_policy_addr;
+        let incremental =
+            self.rendered && !changes.reordered && self.ix.ingress.is_empty() && !ingress_next;
         if incremental {
             self.validate_changes(&next, &dirty, &dirty_set, &changes.addresses)
         } else {
@@ -717,6 +770,11 @@ impl Engine {
         drop(dirty_set);
         // The touched farms' current fragments, rendered again from the current state
         // (cheaper in memory than keeping every farm's fragment).
+        let mut old_part = if incremental && base_changed {
+            render_base(&self.state, &self.slots, &self.net, &self.render_cfg()).0
+        } else {
+            skeleton(&self.render_cfg())
+        };
         let old_frags: HashMap<String, Fragment> = if incremental {
             let cfg = self.render_cfg();
             dirty
@@ -724,7 +782,7 @@ impl Engine {
                 .filter_map(|n| {
                     let farm = self.state.farms.get(n)?;
                     let (rules, _) = render_fragment(&self.state, farm, &self.slots, &cfg);
-                    Some((n.clone(), Fragment { rules }))
+                    Some((n.clone(), Fragment::merge(rules, &mut old_part)))
                 })
                 .collect()
         } else {
@@ -771,20 +829,18 @@ impl Engine {
         // (old part, new part) of the ruleset; the new fragments to keep.
         let mut full_refs = None;
         let (mut old_part, mut new_part, new_frags, render_notes) = if incremental {
-            let shared = skeleton(&cfg);
-            let mut old_part = shared.clone();
-            let mut new_part = shared;
+            let mut new_part = if base_changed {
+                render_base(&next, &slots, &net, &cfg).0
+            } else {
+                skeleton(&cfg)
+            };
             let mut new_frags = HashMap::new();
             let mut render_notes = Vec::new();
             for name in &dirty {
-                if let Some(f) = old_frags.get(name) {
-                    merge_into(&mut old_part, &f.rules);
-                }
                 if let Some(farm) = next.farms.get(name) {
                     let (rules, n) = render_fragment(&next, farm, &slots, &cfg);
-                    merge_into(&mut new_part, &rules);
                     render_notes.extend(n);
-                    new_frags.insert(name.clone(), Fragment { rules });
+                    new_frags.insert(name.clone(), Fragment::merge(rules, &mut new_part));
                 }
             }
             let shared = self.shared_chain_changes(&dirty, &old_frags, &new_frags);
@@ -941,10 +997,10 @@ impl Engine {
         }
         if incremental {
             for f in old_frags.values() {
-                count_shared(&mut self.shared_refs, &f.rules, false);
+                count_shared(&mut self.shared_refs, f, false);
             }
             for f in new_frags.values() {
-                count_shared(&mut self.shared_refs, &f.rules, true);
+                count_shared(&mut self.shared_refs, f, true);
             }
             self.last_notes.retain(|(farm, _)| !dirty.contains(farm));
             self.last_notes.extend(render_notes);
@@ -1998,29 +2054,19 @@ fn detach_policies(st: &mut State, name: Option<&str>) {
     });
 }
 
-/// The chains shared by plain farms that a fragment uses.
-fn shared_chains(frag: &Ruleset) -> impl Iterator<Item = (TableFamily, String)> + '_ {
-    frag.tables.iter().flat_map(|(fam, t)| {
-        t.chains
-            .keys()
-            .filter(|n| n.starts_with(PLAIN_PREFIX))
-            .map(move |n| (*fam, n.clone()))
-    })
-}
-
 /// How many farms use each chain shared by plain farms.
 type SharedRefs = HashMap<(TableFamily, String), usize>;
 
 /// Counts (or uncounts) a fragment's uses of shared chains.
-fn count_shared(refs: &mut SharedRefs, frag: &Ruleset, add: bool) {
-    for key in shared_chains(frag) {
+fn count_shared(refs: &mut SharedRefs, frag: &Fragment, add: bool) {
+    for (key, _) in &frag.shared {
         let n = refs.entry(key.clone()).or_default();
         if add {
             *n += 1;
         } else {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                refs.remove(&key);
+                refs.remove(key);
             }
         }
     }

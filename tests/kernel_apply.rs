@@ -275,6 +275,12 @@ fn incremental_changes_equal_a_fresh_start() {
         ("POST", "/farms", r#"{"farms":[{"name":"sec","limits-ttl":"60","verdict":"log","log-rtlimit":"0",
             "persist-ttl":"30","backends":[{"name":"a","state":"down"}]}]}"#.into()),
         ("PATCH", "/policies/bl/elements", r#"{"policies":[{"name":"bl","elements":[{"data":"198.18.7.0/24"}]}]}"#.into()),
+        // A new prefix length: a new set, and new rules in the farms it is attached to.
+        ("PATCH", "/policies/bl/elements", r#"{"policies":[{"name":"bl","elements":[{"data":"198.19.0.0/16"}]}]}"#.into()),
+        // A farm takes the standalone address that carries policies, then leaves it.
+        ("POST", "/farms", r#"{"farms":[{"name":"fwf","addresses":[{"name":"fw"}],
+            "backends":[{"name":"a","ip-addr":"198.18.1.51"}]}]}"#.into()),
+        ("DELETE", "/farms/fwf", String::new()),
         ("DELETE", "/farms/sec/policies/wl", String::new()),
         ("DELETE", "/policies/bl", String::new()),
         ("DELETE", "/farms/sec", String::new()),

@@ -901,6 +901,24 @@ pub fn merge_into(rs: &mut Ruleset, frag: &Ruleset) {
     }
 }
 
+/// [`merge_into`] for a fragment that is not needed afterwards: its strings are moved.
+pub fn merge_owned(rs: &mut Ruleset, frag: Ruleset) {
+    for (fam, ft) in frag.tables {
+        let t = rs.tables.entry(fam).or_default();
+        for (name, m) in ft.maps {
+            match t.maps.get_mut(&name) {
+                Some(existing) => existing.elements.extend(m.elements),
+                None => {
+                    t.maps.insert(name, m);
+                }
+            }
+        }
+        for (name, c) in ft.chains {
+            t.chains.entry(name).or_insert(c);
+        }
+    }
+}
+
 /// Takes a fragment out of a ruleset (the inverse of [`merge_into`]); `shared` names the
 /// objects that are not the fragment's own (the skeleton).
 pub fn remove_from(rs: &mut Ruleset, frag: &Ruleset, shared: &Ruleset) {
