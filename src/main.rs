@@ -14,6 +14,7 @@ use nftlb::{kernel, logging};
 
 /// jemalloc returns freed memory to the system and fragments less than glibc's malloc
 /// under the daemon's pattern (a large burst for a bulk load, then small changes).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
