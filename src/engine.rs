@@ -767,7 +767,6 @@ impl Engine {
                 .collect::<Vec<_>>(),
         )
         .map_err(|e| Failure::new(400, "error parsing buffer", e))?;
-        drop(dirty_set);
         // The touched farms' current fragments, rendered again from the current state
         // (cheaper in memory than keeping every farm's fragment).
         let mut old_part = if incremental && base_changed {
@@ -862,14 +861,17 @@ impl Engine {
         stamp(&mut old_part, self.seq);
         stamp(&mut new_part, next_seq);
         // Log what is new (the network can change what can be served), and report to the
-        // client only on farms this request changed.
-        for (_, n) in render_notes.iter().filter(|n| !self.last_notes.contains(n)) {
+        // client only on farms this request changed. (Looked up in sets: a whole-state
+        // render has the notes of every farm, several per ingress farm.)
+        let last: HashSet<&(String, String)> = self.last_notes.iter().collect();
+        for (_, n) in render_notes.iter().filter(|n| !last.contains(n)) {
             tracing::warn!("{n}");
         }
+        drop(last);
         notes.extend(
             render_notes
                 .iter()
-                .filter(|(farm, _)| dirty.contains(farm))
+                .filter(|(farm, _)| dirty_set.contains(farm.as_str()))
                 .map(|(_, n)| n.clone()),
         );
         let t1 = Instant::now();
@@ -1002,7 +1004,8 @@ impl Engine {
             for f in new_frags.values() {
                 count_shared(&mut self.shared_refs, f, true);
             }
-            self.last_notes.retain(|(farm, _)| !dirty.contains(farm));
+            self.last_notes
+                .retain(|(farm, _)| !dirty_set.contains(farm.as_str()));
             self.last_notes.extend(render_notes);
             self.ix.update(&self.state, &next, &dirty);
         } else {
@@ -2224,6 +2227,36 @@ mod tests {
             r#"{"farms":[{"name":"b","virtual-ports":"81"}]}"#,
         );
         assert_eq!(r.body, r#"{"response": "success"}"#);
+    }
+
+    /// The same with ingress farms, which take the whole-state path: every farm's notes
+    /// are rendered, those of the farms the request changed are reported.
+    #[test]
+    fn ingress_notes_are_reported_for_the_changed_farm_only() {
+        let mut e = engine();
+        // Interfaces that do not exist: each farm gets a note, and no neighbour is asked.
+        let farm = |name: &str, vip: &str| {
+            format!(
+                r#"{{"farms":[{{"name":"{name}","mode":"dsr","virtual-addr":"{vip}","virtual-ports":"80",
+                "iface":"nftlbtest-in","oface":"nftlbtest-out","backends":[{{"name":"b1","ip-addr":"198.18.1.1"}}]}}]}}"#
+            )
+        };
+        let r = req(&mut e, "POST", "/farms", &farm("a", "198.18.0.1"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.body.contains("Farm 'a'"), "{}", r.body);
+        let r = req(&mut e, "POST", "/farms", &farm("b", "198.18.0.2"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.body.contains("Farm 'b'"), "{}", r.body);
+        assert!(!r.body.contains("Farm 'a'"), "{}", r.body);
+        // The notes of both farms are remembered (logged once, not at every change).
+        assert_eq!(
+            e.last_notes.iter().filter(|(f, _)| f == "a").count(),
+            e.last_notes.iter().filter(|(f, _)| f == "b").count()
+        );
+        assert!(e.last_notes.iter().any(|(f, _)| f == "a"));
+        let r = req(&mut e, "DELETE", "/farms/b", "");
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(e.last_notes.iter().all(|(f, _)| f == "a"));
     }
 
     #[test]

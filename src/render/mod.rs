@@ -790,10 +790,11 @@ pub fn skeleton(cfg: &RenderConfig) -> Ruleset {
 }
 
 /// The part of the ruleset that does not belong to one NAT farm: the skeleton, the
-/// policies' sets, standalone addresses and every ingress (`dsr`, `stlsdnat`) farm.
+/// policies' sets, standalone addresses and every ingress (`dsr`, `stlsdnat`) farm, all
+/// of those in one pass ([`netdev::render`]). (Ingress farms use no bucket slots.)
 pub fn render_base(
     state: &State,
-    slots: &Slots,
+    _slots: &Slots,
     net: &NetView,
     cfg: &RenderConfig,
 ) -> (Ruleset, Vec<Note>) {
@@ -809,11 +810,8 @@ pub fn render_base(
             }
         }
     }
-    for farm in state.farms.values() {
-        if farm.state == FarmState::Up && matches!(farm.mode, Mode::Dsr | Mode::Stlsdnat) {
-            netdev::render_farm(state, farm, slots, net, cfg, &mut rs, &mut notes);
-        }
-    }
+    // Every ingress farm at once: they share the base chains' lookups.
+    netdev::render(state, net, &mut rs, &mut notes);
     (rs, notes)
 }
 

@@ -45,8 +45,8 @@
 //! weight ranges, as the NAT modes use, would move most flows of every backend on any
 //! change, which without conntrack resets their connections.) The bucket map is an
 //! anonymous map in the farm's one rule: ingress farms are few, and the rule is replaced
-//! as a whole in the transaction that changes it. The shared bucket [`Slots`] are not
-//! used.
+//! as a whole in the transaction that changes it. The shared bucket
+//! [`Slots`](crate::render::Slots) are not used.
 //!
 //! Persistence (`persistence`, `persist-ttl`, static `sessions`): per family, a static
 //! map `ssN-NAME-TAG` and a kernel-learnt map `psN-NAME-TAG` (`key : backend MAC` for
@@ -71,7 +71,7 @@ use std::net::IpAddr;
 use crate::model::*;
 use crate::netinfo::{Neigh, NetView, Route};
 use crate::render::filter::{expand, Tokens};
-use crate::render::{Note, RenderConfig, Slots};
+use crate::render::Note;
 use crate::ruleset::{Chain, MapDef, Ruleset, Table, TableFamily};
 
 /// Priority of the service lookup at ingress (nftlb's).
@@ -560,30 +560,12 @@ fn unserved_keys(f: &Farm) -> Vec<&'static str> {
         .collect()
 }
 
-/// Adds the rules of the `dsr` and `stlsdnat` farms to `rs` (the `table netdev nftlb`)
-/// and the notes about `farm`: why it cannot be served, or which backends get no
-/// traffic and why.
-///
-/// The base chains hold every ingress farm's services, so each call renders all
-/// ingress farms (in state order: a conflict goes against the later farm) and replaces
-/// what an earlier call added; only `farm`'s notes are kept. The result does not depend
-/// on the order of the calls, nor on whether every farm gets one. Ingress farms are
-/// few: the quadratic cost does not matter.
-pub fn render_farm(
-    state: &State,
-    farm: &Farm,
-    _slots: &Slots,
-    net: &NetView,
-    _cfg: &RenderConfig,
-    rs: &mut Ruleset,
-    notes: &mut Vec<Note>,
-) {
-    let mut all = Vec::new();
-    render_all(state, net, rs, &mut all);
-    notes.extend(all.into_iter().filter(|(f, _)| *f == farm.name));
-}
-
-fn render_all(state: &State, net: &NetView, rs: &mut Ruleset, notes: &mut Vec<Note>) {
+/// Adds the rules of every `dsr` and `stlsdnat` farm that is up to `rs` (the `table
+/// netdev nftlb`) and the notes about them: why a farm cannot be served, or which
+/// backends get no traffic and why. The base chains hold every ingress farm's services,
+/// so the ingress farms are rendered together, in one pass (in state order: a conflict
+/// goes against the later farm); the cost is linear in the number of farms.
+pub fn render(state: &State, net: &NetView, rs: &mut Ruleset, notes: &mut Vec<Note>) {
     let mut dispatch: BTreeMap<(String, bool), Vec<BTreeMap<String, String>>> = BTreeMap::new();
     let mut maps = Vec::new();
     let mut chains = Vec::new();
@@ -637,8 +619,16 @@ fn render_all(state: &State, net: &NetView, rs: &mut Ruleset, notes: &mut Vec<No
     base_chains(t, &dispatch);
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Calls of [`farm_parts`] on this thread (tests check that rendering is linear).
+    static FARM_PARTS_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// One farm's part of the netdev table, or `None` (with a note) if it cannot be served.
 fn farm_parts(state: &State, farm: &Farm, net: &NetView, notes: &mut Vec<Note>) -> Option<Parts> {
+    #[cfg(test)]
+    FARM_PARTS_CALLS.with(|c| c.set(c.get() + 1));
     let mode = farm.mode.as_str();
     let note = |notes: &mut Vec<Note>, m: String| notes.push((farm.name.clone(), m));
     if !net.gathered {
@@ -1125,7 +1115,7 @@ mod tests {
     use super::*;
     use crate::netinfo::Link;
     use crate::render::tests::{state, CFG};
-    use crate::render::{bucket_space, render};
+    use crate::render::{bucket_space, render, Slots};
     use crate::ruleset::plan;
     use serde_json::json;
 
@@ -1252,6 +1242,51 @@ mod tests {
         );
         assert!(rule.contains("02:00:00:00:00:11") && rule.contains("02:00:00:00:00:12"));
         assert!(!text.contains("ingress-dnat"), "{text}");
+    }
+
+    /// The ingress farms share the base chains' lookups, yet each is rendered once per
+    /// whole render (it used to be once per ingress farm: quadratic, minutes for 10,000
+    /// dsr farms), and each farm's notes are reported once.
+    #[test]
+    fn each_ingress_farm_is_rendered_once() {
+        const N: usize = 30;
+        let farms: Vec<serde_json::Value> = (0..N)
+            .map(|i| {
+                json!({"name":format!("d{i}"),"virtual-addr":format!("198.18.2.{}", i + 1),
+                    "virtual-ports":"80","mode":"dsr","iface":"eth0","backends":[
+                    {"name":"b1","ip-addr":"198.18.0.11"},
+                    {"name":"b3","ip-addr":"198.18.0.13"}]})
+            })
+            .collect();
+        let st = state(json!({ "farms": farms }));
+        FARM_PARTS_CALLS.with(|c| c.set(0));
+        let (text, notes) = render_text(&st, &net());
+        assert_eq!(FARM_PARTS_CALLS.with(|c| c.get()), N);
+        // One note per farm (backend b3 is unresolved), in state order.
+        assert_eq!(notes.len(), N, "{notes:?}");
+        for (i, note) in notes.iter().enumerate() {
+            assert!(
+                note.starts_with(&format!("Farm 'd{i}': backend 'b3' gets no traffic")),
+                "{note}"
+            );
+        }
+        // Every farm has its chain and its element in the one dispatch map.
+        let dispatch = text
+            .lines()
+            .find(|l| {
+                l.starts_with(
+                    "add rule netdev nftlb ingress-eth0 meta l4proto . ip daddr . th dport vmap",
+                )
+            })
+            .unwrap();
+        for i in 0..N {
+            let elem = format!("tcp . 198.18.2.{} . 80 : goto lb-d{i}", i + 1);
+            assert!(dispatch.contains(&elem), "{elem}\n{dispatch}");
+            assert!(
+                text.contains(&format!("add chain netdev nftlb lb-d{i}\n")),
+                "{text}"
+            );
+        }
     }
 
     #[test]
