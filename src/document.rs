@@ -924,7 +924,10 @@ pub enum View {
     Store,
 }
 
-fn address_json(state: &State, a: &Address, in_farm: bool, view: View) -> Value {
+/// How many farms use an address, for GET (`used`).
+pub type UsedBy<'a> = &'a dyn Fn(&str) -> usize;
+
+fn address_json(state: &State, a: &Address, in_farm: bool, view: View, used: UsedBy) -> Value {
     let mut m = Map::new();
     m.insert("name".into(), s(&a.name));
     m.insert("family".into(), s(a.family.as_str()));
@@ -952,7 +955,7 @@ fn address_json(state: &State, a: &Address, in_farm: bool, view: View) -> Value 
         m.insert("log-rtlimit".into(), s(a.log_rtlimit));
     }
     if view == View::Client {
-        m.insert("used".into(), s(state.address_used(&a.name)));
+        m.insert("used".into(), s(used(&a.name)));
     }
     if !in_farm {
         m.insert(
@@ -1014,6 +1017,12 @@ fn backend_json(b: &Backend, status: BackendStatus, view: View) -> Value {
 
 /// The JSON object of a farm, keys in the original's order.
 pub fn farm_json(state: &State, f: &Farm, view: View) -> Value {
+    farm_json_used(state, f, view, &|n| state.address_used(n))
+}
+
+/// [`farm_json`] with the address usage counts given (a listing of every farm would
+/// otherwise count each address's users over all farms: quadratic).
+pub fn farm_json_used(state: &State, f: &Farm, view: View, used: UsedBy) -> Value {
     let first = state.farm_addresses(f).next();
     let mut m = Map::new();
     m.insert("name".into(), s(&f.name));
@@ -1101,7 +1110,7 @@ pub fn farm_json(state: &State, f: &Farm, view: View) -> Value {
     let addrs: Vec<Value> = match view {
         View::Client => state
             .farm_addresses(f)
-            .map(|a| address_json(state, a, true, view))
+            .map(|a| address_json(state, a, true, view, used))
             .collect(),
         // The state file lists full address objects at top level; farms refer by name.
         View::Store => f
@@ -1198,7 +1207,12 @@ pub fn policy_json(state: &State, p: &Policy, view: View) -> Value {
 
 /// The JSON object of a top-level address.
 pub fn address_top_json(state: &State, a: &Address, view: View) -> Value {
-    address_json(state, a, false, view)
+    address_json(state, a, false, view, &|n| state.address_used(n))
+}
+
+/// [`address_top_json`] with the address usage counts given.
+pub fn address_top_json_used(state: &State, a: &Address, view: View, used: UsedBy) -> Value {
+    address_json(state, a, false, view, used)
 }
 
 /// The whole state as one loadable document (the state file).
@@ -1220,7 +1234,7 @@ pub fn state_document(state: &State) -> Value {
             state
                 .addresses
                 .values()
-                .map(|a| address_json(state, a, false, View::Store))
+                .map(|a| address_json(state, a, false, View::Store, &|_| 0))
                 .collect(),
         ),
     );

@@ -1239,8 +1239,8 @@ impl Engine {
 
     /// A farm's GET object with each attached policy's per-farm counter, and ingress
     /// backends that cannot be reached shown as `config_error` with the reason.
-    fn farm_with_counters(&mut self, st: &State, f: &Farm) -> Value {
-        let mut v = document::farm_json(st, f, View::Client);
+    fn farm_with_counters(&mut self, st: &State, f: &Farm, used: document::UsedBy) -> Value {
+        let mut v = document::farm_json_used(st, f, View::Client, used);
         let errors = crate::render::netdev::backend_errors(st, f, &self.net);
         if !errors.is_empty() {
             if let Some(list) = v.get_mut("backends").and_then(Value::as_array_mut) {
@@ -1394,10 +1394,24 @@ impl Engine {
     }
 
     fn get(&mut self, segs: &[&str]) -> Reply {
-        self.with_state(|e, st, slots| e.get_in(st, slots, segs))
+        // The indexes are lent out too: they count each address's users in O(1) (a
+        // listing would otherwise count them over every farm, for every address).
+        let ix = std::mem::take(&mut self.ix);
+        let r = self.with_state(|e, st, slots| {
+            let used = |n: &str| ix.users.get(n).map_or(0, BTreeSet::len);
+            e.get_in(st, slots, &used, segs)
+        });
+        self.ix = ix;
+        r
     }
 
-    fn get_in(&mut self, st: &State, slots: &Slots, segs: &[&str]) -> Reply {
+    fn get_in(
+        &mut self,
+        st: &State,
+        slots: &Slots,
+        used: document::UsedBy,
+        segs: &[&str],
+    ) -> Reply {
         let unknown = |what: &str, name: &str| {
             Failure::new(404, "invalid request", format!("Unknown {what} '{name}'")).reply()
         };
@@ -1411,13 +1425,13 @@ impl Engine {
                 let items = st
                     .farms
                     .values()
-                    .map(|f| self.farm_with_counters(st, f))
+                    .map(|f| self.farm_with_counters(st, f, used))
                     .collect();
                 list("farms", items)
             }
             ["farms", name] => match st.farms.get(name) {
                 Some(f) => {
-                    let v = self.farm_with_counters(st, f);
+                    let v = self.farm_with_counters(st, f, used);
                     list("farms", vec![v])
                 }
                 None => unknown("farm", name),
@@ -1465,13 +1479,13 @@ impl Engine {
                 "addresses",
                 st.addresses
                     .values()
-                    .map(|a| document::address_top_json(st, a, View::Client))
+                    .map(|a| document::address_top_json_used(st, a, View::Client, used))
                     .collect(),
             ),
             ["addresses", name] => match st.addresses.get(name) {
                 Some(a) => list(
                     "addresses",
-                    vec![document::address_top_json(st, a, View::Client)],
+                    vec![document::address_top_json_used(st, a, View::Client, used)],
                 ),
                 None => unknown("address", name),
             },
@@ -2482,6 +2496,12 @@ mod tests {
         let fresh = ServiceIndex::of(e.state());
         assert_eq!(e.ix.services.entries(), fresh.entries());
         assert!(!fresh.entries().is_empty());
+        // The usage index (GET's `used`) agrees with counting over every farm.
+        for a in e.state().addresses.keys() {
+            let n = e.ix.users.get(a).map_or(0, BTreeSet::len);
+            assert_eq!(n, e.state().address_used(a), "{a}");
+        }
+        assert_eq!(e.ix.users.get("z-addr").map(BTreeSet::len), Some(1));
     }
 }
 
