@@ -271,7 +271,9 @@ impl Fragment {
             .flat_map(|(fam, t)| {
                 t.chains
                     .iter()
-                    .filter(|(n, _)| n.starts_with(PLAIN_PREFIX))
+                    .filter(|(n, _)| {
+                        n.starts_with(PLAIN_PREFIX) && !crate::render::is_skeleton_chain(n)
+                    })
                     .map(move |(n, c)| ((*fam, n.clone()), c.clone()))
             })
             .collect();

@@ -57,6 +57,16 @@ pub struct Slot {
     /// backend exists so that persistence entries and conntrack marks stay valid.
     #[serde(default)]
     pub ids: BTreeMap<String, u32>,
+    /// The bucket count of a `weight`, `hash` or `symhash` farm: it only grows while the
+    /// farm exists, so taking a backend out and putting it back does not change it (a
+    /// change of bucket count points the farm's services at another shared chain, which
+    /// the kernel validates against every service).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub buckets: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Allocation of mark blocks to farms. Kept by the engine and persisted with the state,
@@ -211,13 +221,17 @@ impl Slots {
                 next_free += 1;
             }
             let max_id = ids.values().copied().max().map_or(0, |m| m + 1);
+            let old_buckets = self.by_farm.get(&farm.name).map_or(0, |s| s.buckets);
+            let buckets = fixed_buckets(farm).map_or(0, |b| b.max(old_buckets));
             let need = buckets_needed(state, farm)
+                .max(buckets)
                 .max(max_id)
                 .max(16)
                 .next_power_of_two();
             match self.by_farm.get_mut(&farm.name) {
                 Some(s) if s.size >= need => {
                     s.ids = ids;
+                    s.buckets = buckets;
                     continue;
                 }
                 Some(s) => {
@@ -238,6 +252,7 @@ impl Slots {
                     offset,
                     size: need,
                     ids,
+                    buckets,
                 },
             );
         }
@@ -468,6 +483,7 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
             ],
         },
     );
+    t.chains.extend(skeleton_plain_chains(fam));
     filter::base(&mut t, fam);
     // intra-connect: locally generated connections to the services of farms that ask.
     t.chains.insert(
@@ -613,6 +629,57 @@ fn plain_sig(farm: &Farm, modulus: u32) -> String {
     }
 }
 
+/// The rules of a shared chain of plain farms (served through `svc{variant}`).
+fn plain_chain_def(variant: &str, fam: TableFamily, expr: &str) -> Chain {
+    let (lookup, off) = match variant {
+        "x" | "" => (
+            format!("meta l4proto . {} daddr . th dport", ip_kw(fam)),
+            if variant.is_empty() { "offi" } else { "offx" },
+        ),
+        _ => (
+            "meta l4proto . th dport".to_string(),
+            if variant == "px" { "offpx" } else { "offp" },
+        ),
+    };
+    Chain {
+        base: None,
+        rules: vec![
+            format!("ct mark set {lookup} map @{off}"),
+            format!("ct mark set ct mark . {expr} map @fbuckets"),
+            "goto pick".to_string(),
+        ],
+    }
+}
+
+/// Bucket counts of `weight` farms whose shared chains are part of the skeleton (created
+/// with the tables, never removed): the common sizes, up to 32 backends. Creating a
+/// chain that uses `fbuckets` costs time in proportion to its elements (the kernel checks
+/// them when a rule binds the map), so common kinds are not created on the fly.
+const SKELETON_WEIGHT_BUCKETS: [u32; 3] = [16, 32, 64];
+
+/// The shared chains of plain farms that the skeleton holds.
+fn skeleton_plain_chains(fam: TableFamily) -> impl Iterator<Item = (String, Chain)> {
+    ["x", "", "px", "p"].into_iter().flat_map(move |v| {
+        SKELETON_WEIGHT_BUCKETS.into_iter().map(move |m| {
+            (
+                plain_chain(v, &format!("rnd-{m}")),
+                plain_chain_def(v, fam, &format!("numgen random mod {m}")),
+            )
+        })
+    })
+}
+
+/// Whether a chain is one of the skeleton's shared chains (not counted per farm).
+pub fn is_skeleton_chain(name: &str) -> bool {
+    name.strip_prefix(PLAIN_PREFIX)
+        .and_then(|r| r.split_once("-rnd-"))
+        .is_some_and(|(v, m)| {
+            matches!(v, "x" | "i" | "px" | "p")
+                && m.parse::<u32>()
+                    .is_ok_and(|m| SKELETON_WEIGHT_BUCKETS.contains(&m))
+        })
+}
+
 /// The shared chain of plain farms served through service map `svc{variant}`.
 pub fn plain_chain(variant: &str, sig: &str) -> String {
     format!(
@@ -702,6 +769,12 @@ fn buckets_needed(state: &State, farm: &Farm) -> u32 {
         .map(|fam| picks(farm, &statuses, *fam).1)
         .max()
         .unwrap_or(0)
+}
+
+/// The fixed bucket count a `weight`, `hash` or `symhash` farm needs now (see
+/// [`Slot::buckets`] for the count it gets).
+fn fixed_buckets(farm: &Farm) -> Option<u32> {
+    hash_buckets(farm).or_else(|| weight_buckets(farm))
 }
 
 /// The fixed bucket count of a hashing farm (`hash`, `symhash`): at least 8 per backend
@@ -1071,7 +1144,7 @@ fn render_farm(
     }
     let chain_name = farm_chain(&farm.name);
     let (picks, total) = picks(farm, statuses, fam);
-    let hashed = hash_buckets(farm).or_else(|| weight_buckets(farm));
+    let hashed = fixed_buckets(farm).map(|b| b.max(slot.buckets));
     // A plain farm has no chain of its own: its services jump to a chain shared by every
     // plain farm with the same scheduler expression, which finds the farm's block through
     // the service (`off*` maps) and the backend through (block . bucket).
@@ -1096,25 +1169,9 @@ fn render_farm(
                         let off = format!("off{}", if variant.is_empty() { "i" } else { variant });
                         let shared = plain_chain(variant, sig);
                         if !t.chains.contains_key(&shared) {
-                            let lookup = if a.ip_addr.is_some() {
-                                format!("meta l4proto . {} daddr . th dport", ip_kw(fam))
-                            } else {
-                                "meta l4proto . th dport".to_string()
-                            };
-                            t.chains.insert(
-                                shared.clone(),
-                                Chain {
-                                    base: None,
-                                    rules: vec![
-                                        format!("ct mark set {lookup} map @{off}"),
-                                        format!(
-                                            "ct mark set ct mark . {} map @fbuckets",
-                                            sched_expr(farm, fam, hashed.unwrap_or(total))
-                                        ),
-                                        "goto pick".to_string(),
-                                    ],
-                                },
-                            );
+                            let expr = sched_expr(farm, fam, hashed.unwrap_or(total));
+                            t.chains
+                                .insert(shared.clone(), plain_chain_def(variant, fam, &expr));
                         }
                         insert(t, &off, key.clone(), mark(slot.offset));
                         format!("goto {shared}")
@@ -1413,6 +1470,48 @@ pub(crate) mod tests {
         assert_eq!(chains(&before), chains(&after));
         assert!(!chains(&before).contains_key("farm-h"));
         assert!(chains(&before)["lb-x-h-srcip-128"].rules[1].contains("jhash ip saddr mod 128"));
+    }
+
+    #[test]
+    fn bucket_counts_only_grow_while_a_farm_exists() {
+        let doc = |n: usize| {
+            let b: Vec<serde_json::Value> = (0..n)
+                .map(|i| json!({"name": format!("b{i}"), "ip-addr": format!("198.18.1.{}", i + 1)}))
+                .collect();
+            state(json!({"farms":[{"name":"w","virtual-addr":"198.18.0.1",
+                "virtual-ports":"80","scheduler":"weight","backends":b}]}))
+        };
+        let space = bucket_space(0x8000_0000);
+        let mut sl = Slots::default();
+        let target = |st: &State, sl: &Slots| {
+            render(st, sl, &NetView::default(), &CFG).0.tables[&TableFamily::Ip].maps["svcx"]
+                .elements["tcp . 198.18.0.1 . 80"]
+                .clone()
+        };
+        let eight = doc(8);
+        sl.sync(&eight, space).unwrap();
+        assert_eq!(sl.get("w").unwrap().buckets, 16);
+        assert_eq!(target(&eight, &sl), "goto lb-x-rnd-16");
+        // A ninth backend needs 32 buckets; taking it out again keeps 32, so the service
+        // element (a verdict the kernel validates against every service) stays put.
+        let nine = doc(9);
+        sl.sync(&nine, space).unwrap();
+        assert_eq!(sl.get("w").unwrap().buckets, 32);
+        assert_eq!(target(&nine, &sl), "goto lb-x-rnd-32");
+        sl.sync(&eight, space).unwrap();
+        assert_eq!(sl.get("w").unwrap().buckets, 32);
+        assert_eq!(target(&eight, &sl), "goto lb-x-rnd-32");
+        let fb = render(&eight, &sl, &NetView::default(), &CFG).0.tables[&TableFamily::Ip].maps
+            ["fbuckets"]
+            .elements
+            .len();
+        assert_eq!(fb, 32);
+        // The common weight chains are in the skeleton: not counted per farm.
+        assert!(is_skeleton_chain("lb-x-rnd-32") && is_skeleton_chain("lb-i-rnd-16"));
+        assert!(!is_skeleton_chain("lb-x-rnd-128") && !is_skeleton_chain("lb-x-sym-64"));
+        assert!(skeleton(&CFG).tables[&TableFamily::Ip6]
+            .chains
+            .contains_key("lb-px-rnd-64"));
     }
 
     #[test]
