@@ -203,7 +203,7 @@ probe() {
 # ---------------------------------------------------------------------------
 section "Installing missing dependencies"
 bash scripts/install-deps.sh
-echo "ok: nftables, libnftables-dev, pkg-config, iproute2, conntrack, curl, procps"
+echo "ok: every package scripts/install-deps.sh lists is installed"
 
 if [ "$BUILD" -eq 1 ]; then
     section "Building (cargo build --release)"
