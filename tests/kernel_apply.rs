@@ -214,6 +214,24 @@ fn send(e: &mut Engine, method: &str, path: &str, body: &str) -> u16 {
     r.status
 }
 
+/// The ruleset a daemon started afresh from `e`'s saved state puts in a new namespace
+/// (started the way the daemon restarts: from the state file).
+fn fresh_start_listing(e: &Engine) -> String {
+    let b = Ns::new();
+    let file = std::env::temp_dir().join(format!("{}.json", b.0));
+    std::fs::write(&file, e.saved().to_string()).unwrap();
+    let mut fresh = Engine::new(
+        Box::new(NsKernel::new(&b.0)),
+        Some(nftlb::store::Store::new(&file)),
+        EngineConfig {
+            masquerade_mark: 0x8000_0000,
+        },
+    );
+    fresh.start(None, true).expect("fresh start");
+    let _ = std::fs::remove_file(&file);
+    b.listing()
+}
+
 #[test]
 fn incremental_changes_equal_a_fresh_start() {
     let a = Ns::new();
@@ -289,20 +307,11 @@ fn incremental_changes_equal_a_fresh_start() {
         assert_eq!(send(&mut e, m, p, body), 200, "step {i}");
         assert_eq!(e.fallbacks(), 0, "step {i} needed a full resync");
         // A fresh namespace started from the same state must hold the same ruleset.
-        let b = Ns::new();
-        // Start it the way the daemon restarts: from the state file.
-        let file = std::env::temp_dir().join(format!("{}.json", b.0));
-        std::fs::write(&file, e.saved().to_string()).unwrap();
-        let mut fresh = Engine::new(
-            Box::new(NsKernel::new(&b.0)),
-            Some(nftlb::store::Store::new(&file)),
-            EngineConfig {
-                masquerade_mark: 0x8000_0000,
-            },
+        assert_eq!(
+            a.listing(),
+            fresh_start_listing(&e),
+            "after step {i}: {m} {p}"
         );
-        fresh.start(None, true).expect("fresh start");
-        let _ = std::fs::remove_file(&file);
-        assert_eq!(a.listing(), b.listing(), "after step {i}: {m} {p}");
     }
     // Element-only steps (backend states, ports) went over the netlink element path, and
     // the listings above show they left the kernel as a fresh start would.
@@ -354,19 +363,7 @@ fn refused_element_batch_takes_back_created_objects() {
         "the element batch was refused"
     );
     assert_eq!(e.fallbacks(), 1, "the engine resynchronised");
-    let b = Ns::new();
-    let file = std::env::temp_dir().join(format!("{}.json", b.0));
-    std::fs::write(&file, e.saved().to_string()).unwrap();
-    let mut fresh = Engine::new(
-        Box::new(NsKernel::new(&b.0)),
-        Some(nftlb::store::Store::new(&file)),
-        EngineConfig {
-            masquerade_mark: 0x8000_0000,
-        },
-    );
-    fresh.start(None, true).expect("fresh start");
-    let _ = std::fs::remove_file(&file);
-    assert_eq!(a.listing(), b.listing());
+    assert_eq!(a.listing(), fresh_start_listing(&e));
     assert!(a.listing().contains("chain farm-p"), "{}", a.listing());
 }
 

@@ -951,28 +951,8 @@ pub fn render_fragment(
     (rs, notes)
 }
 
-/// Adds a fragment to a ruleset: its elements join the shared maps, its own maps and
-/// chains are added.
-pub fn merge_into(rs: &mut Ruleset, frag: &Ruleset) {
-    for (fam, ft) in &frag.tables {
-        let t = rs.tables.entry(*fam).or_default();
-        for (name, m) in &ft.maps {
-            match t.maps.get_mut(name) {
-                Some(existing) => existing
-                    .elements
-                    .extend(m.elements.iter().map(|(k, v)| (k.clone(), v.clone()))),
-                None => {
-                    t.maps.insert(name.clone(), m.clone());
-                }
-            }
-        }
-        for (name, c) in &ft.chains {
-            t.chains.entry(name.clone()).or_insert_with(|| c.clone());
-        }
-    }
-}
-
-/// [`merge_into`] for a fragment that is not needed afterwards: its strings are moved.
+/// Adds a fragment to a ruleset, moving its strings: its elements join the shared maps,
+/// its own maps and chains are added.
 pub fn merge_owned(rs: &mut Ruleset, frag: Ruleset) {
     for (fam, ft) in frag.tables {
         let t = rs.tables.entry(fam).or_default();
@@ -990,32 +970,6 @@ pub fn merge_owned(rs: &mut Ruleset, frag: Ruleset) {
     }
 }
 
-/// Takes a fragment out of a ruleset (the inverse of [`merge_into`]); `shared` names the
-/// objects that are not the fragment's own (the skeleton).
-pub fn remove_from(rs: &mut Ruleset, frag: &Ruleset, shared: &Ruleset) {
-    for (fam, ft) in &frag.tables {
-        let (Some(t), Some(st)) = (rs.tables.get_mut(fam), shared.tables.get(fam)) else {
-            continue;
-        };
-        for (name, m) in &ft.maps {
-            if st.maps.contains_key(name) {
-                if let Some(existing) = t.maps.get_mut(name) {
-                    for k in m.elements.keys() {
-                        existing.elements.remove(k);
-                    }
-                }
-            } else {
-                t.maps.remove(name);
-            }
-        }
-        for name in ft.chains.keys() {
-            if !st.chains.contains_key(name) {
-                t.chains.remove(name);
-            }
-        }
-    }
-}
-
 /// Renders the whole state: the base and every farm's fragment. Also returns notes about
 /// settings that are accepted but not rendered. Every farm must have a slot (see
 /// [`Slots::sync`]).
@@ -1028,7 +982,7 @@ pub fn render(
     let (mut rs, mut notes) = render_base(state, slots, net, cfg);
     for farm in state.farms.values() {
         let (frag, n) = render_fragment(state, farm, slots, cfg);
-        merge_into(&mut rs, &frag);
+        merge_owned(&mut rs, frag);
         notes.extend(n);
     }
     (rs, notes)
