@@ -455,6 +455,7 @@ impl Engine {
             count_shared(&mut refs, &Fragment::merge(rules, &mut rs), true);
             notes.extend(n);
         }
+        rs.tables.values_mut().for_each(crate::render::link_kinds);
         (rs, notes, refs)
     }
 
@@ -2093,15 +2094,7 @@ fn count_shared(refs: &mut SharedRefs, frag: &Fragment, add: bool) {
 
 /// Puts a chain in a ruleset, or takes it out.
 fn set_chain(rs: &mut Ruleset, key: &(TableFamily, String), chain: Option<crate::ruleset::Chain>) {
-    let t = rs.tables.entry(key.0).or_default();
-    match chain {
-        Some(c) => {
-            t.chains.insert(key.1.clone(), c);
-        }
-        None => {
-            t.chains.remove(&key.1);
-        }
-    }
+    crate::render::set_shared_chain(rs.tables.entry(key.0).or_default(), &key.1, chain);
 }
 
 /// Deletes a farm and the addresses only it used (unless they carry policies).

@@ -253,6 +253,10 @@ fn incremental_changes_equal_a_fresh_start() {
         ("POST", "/farms", r#"{"farms":[{"name":"v6","newname":"v6b"}]}"#.into()),
         ("DELETE", "/farms/web", String::new()),
         ("POST", "/farms", r#"{"farms":[{"name":"dns","state":"up","virtual-ports":"53,5300-5399"}]}"#.into()),
+        // The only farm of a kind changes scheduler: its kind number is given back and
+        // taken again for the new signature in one transaction (`kinds` element replaced,
+        // one chain created and one deleted).
+        ("POST", "/farms", r#"{"farms":[{"name":"dns","sched-param":"srcip"}]}"#.into()),
         // Backend changes of weight and hash farms: elements only.
         ("POST", "/farms", r#"{"farms":[{"name":"el","virtual-addr":"198.18.0.160","virtual-ports":"80",
             "scheduler":"weight","backends":[{"name":"a","ip-addr":"198.18.1.41"},{"name":"b","ip-addr":"198.18.1.42"},
@@ -324,8 +328,11 @@ fn incremental_changes_equal_a_fresh_start() {
     assert_eq!(send(&mut e, "DELETE", "/farms", ""), 200);
     let l = a.listing();
     assert!(!l.contains("farm"), "{l}");
-    // No service points anywhere (the skeleton's shared chains stay, unreferenced).
-    assert!(!l.contains(": goto"), "{l}");
+    // No service points anywhere (the skeleton's shared chains stay, referenced only by
+    // the skeleton's kinds), and no plain farm's block is left.
+    let gotos: Vec<&str> = l.matches(": goto lb-k").collect();
+    assert_eq!(l.matches(": goto").count(), gotos.len(), "{l}");
+    assert!(!l.contains(": 0x"), "{l}");
 }
 
 /// A change cut into created objects, elements and removals whose element batch the
@@ -464,7 +471,7 @@ fn more_backends_than_the_originals_4095_mark_limit() {
     // A fixed bucket count (room for 2 per backend, a power of two), in the chain every
     // plain weight farm of that size shares: no farm has a chain of its own.
     let chain = a
-        .nft("", &["list", "chain", "ip", "nftlb", "lb-x-rnd-1024"])
+        .nft("", &["list", "chain", "ip", "nftlb", "lb-k3-rnd-1024"])
         .unwrap();
     assert!(chain.contains("numgen random mod 1024"), "{chain}");
     let listing = a.nft("", &["list", "table", "ip", "nftlb"]).unwrap();

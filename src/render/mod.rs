@@ -63,19 +63,74 @@ pub struct Slot {
     /// the kernel validates against every service).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub buckets: u32,
+    /// The scheduler kind of a plain farm (see [`Kind`]); `None` for other farms, and for
+    /// plain farms when every kind number is taken (they then get a chain of their own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Kind>,
 }
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// The scheduler of a plain farm: a number in the low bits of its block offset (blocks
+/// are 16-aligned) that `kinds` maps to the shared chain `lb-k<id>-<sig>` computing the
+/// bucket. Services thus point at a kind through a mark map, never at a chain: a farm
+/// that changes its bucket count changes mark elements only, which the kernel does not
+/// validate against every service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kind {
+    pub id: u32,
+    pub sig: String,
+}
+
+/// Kind numbers fit in the low bits of a block offset.
+pub const KIND_MASK: u32 = 0xf;
+
+/// Kinds whose chains are part of the skeleton (created with the tables, never removed),
+/// by number: `weight` farms of up to 32 backends. Creating a chain that uses `fbuckets`
+/// costs time in proportion to its elements (the kernel checks them when a rule binds the
+/// map), so common kinds are not created on the fly.
+const SKELETON_KINDS: [(u32, u32); 3] = [(0, 16), (1, 32), (2, 64)];
+
 /// Allocation of mark blocks to farms. Kept by the engine and persisted with the state,
 /// so that a restart renders the same rules and keeps sessions valid.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "SlotsData")]
 pub struct Slots {
     by_farm: HashMap<String, Slot>,
     free: BTreeMap<u32, Vec<u32>>,
     next: u64,
+    /// Kind numbers beyond the skeleton's in use: signature and number of farms (derived
+    /// from `by_farm`).
+    #[serde(skip)]
+    kinds: BTreeMap<u32, (String, u32)>,
+}
+
+/// The persisted part of [`Slots`].
+#[derive(Deserialize)]
+struct SlotsData {
+    #[serde(default)]
+    by_farm: HashMap<String, Slot>,
+    #[serde(default)]
+    free: BTreeMap<u32, Vec<u32>>,
+    #[serde(default)]
+    next: u64,
+}
+
+impl From<SlotsData> for Slots {
+    fn from(d: SlotsData) -> Slots {
+        let mut s = Slots {
+            by_farm: HashMap::new(),
+            free: d.free,
+            next: d.next,
+            kinds: BTreeMap::new(),
+        };
+        for (name, slot) in d.by_farm {
+            s.set_entry(&name, Some(slot));
+        }
+        s
+    }
 }
 
 /// The first offset handed out: mark 0 and its neighbours stay unused, so that a flow
@@ -141,14 +196,53 @@ impl Slots {
 
     /// Sets (or with `None` removes) one farm's block, as recorded in the journal.
     pub fn set_entry(&mut self, farm: &str, slot: Option<Slot>) {
-        match slot {
-            Some(s) => {
-                self.by_farm.insert(farm.to_string(), s);
-            }
-            None => {
-                self.by_farm.remove(farm);
+        if let Some(k) = slot.as_ref().and_then(|s| s.kind.clone()) {
+            self.count_kind(&k, true);
+        }
+        let old = match slot {
+            Some(s) => self.by_farm.insert(farm.to_string(), s),
+            None => self.by_farm.remove(farm),
+        };
+        if let Some(k) = old.and_then(|s| s.kind) {
+            self.count_kind(&k, false);
+        }
+    }
+
+    /// Counts (or uncounts) a farm of a kind beyond the skeleton's.
+    fn count_kind(&mut self, k: &Kind, add: bool) {
+        if skeleton_kind(&k.sig).is_some() {
+            return;
+        }
+        if add {
+            self.kinds
+                .entry(k.id)
+                .or_insert_with(|| (k.sig.clone(), 0))
+                .1 += 1;
+        } else if let Some(e) = self.kinds.get_mut(&k.id) {
+            e.1 -= 1;
+            if e.1 == 0 {
+                self.kinds.remove(&k.id);
             }
         }
+    }
+
+    /// The kind for scheduler signature `sig`: the skeleton's, one in use, else the
+    /// lowest free number (none when all are taken). Not counted (see `count_kind`).
+    fn find_kind(&self, sig: &str) -> Option<Kind> {
+        let id = skeleton_kind(sig)
+            .or_else(|| {
+                self.kinds
+                    .iter()
+                    .find(|(_, (s, _))| s == sig)
+                    .map(|(id, _)| *id)
+            })
+            .or_else(|| {
+                (SKELETON_KINDS.len() as u32..=KIND_MASK).find(|id| !self.kinds.contains_key(id))
+            })?;
+        Some(Kind {
+            id,
+            sig: sig.to_string(),
+        })
     }
 
     /// The free lists and the next unused offset (journalled whole: they are small).
@@ -189,10 +283,14 @@ impl Slots {
         names: impl Iterator<Item = &'a String>,
         space: u64,
     ) -> Result<(), String> {
-        for name in names {
+        // Gone farms first: their blocks and kinds are free for the others.
+        let (present, gone): (Vec<&String>, Vec<&String>) =
+            names.partition(|n| state.farms.contains_key(*n));
+        for name in gone.into_iter().chain(present) {
             let Some(farm) = state.farms.get(name) else {
-                if let Some(s) = self.by_farm.remove(name) {
+                if let Some(s) = self.by_farm.get(name) {
                     self.free.entry(s.size).or_default().push(s.offset);
+                    self.set_entry(name, None);
                 }
                 continue;
             };
@@ -228,32 +326,45 @@ impl Slots {
                 .max(max_id)
                 .max(16)
                 .next_power_of_two();
-            match self.by_farm.get_mut(&farm.name) {
-                Some(s) if s.size >= need => {
-                    s.ids = ids;
-                    s.buckets = buckets;
-                    continue;
+            // The kind: kept while the signature is the same, else given back first (so
+            // that a farm changing kind can reuse its number).
+            let old = self.by_farm.get(&farm.name).cloned();
+            let sig = is_plain(farm).then(|| plain_sig(farm, buckets));
+            let kind = match (&sig, old.as_ref().and_then(|s| s.kind.as_ref())) {
+                (Some(sig), Some(k)) if k.sig == *sig => Some(k.clone()),
+                (None, _) => None,
+                (Some(sig), _) => {
+                    if let Some(mut s) = old.clone() {
+                        s.kind = None;
+                        self.set_entry(&farm.name, Some(s));
+                    }
+                    self.find_kind(sig)
                 }
-                Some(s) => {
-                    let (off, size) = (s.offset, s.size);
-                    self.free.entry(size).or_default().push(off);
+            };
+            let (offset, size) = match &old {
+                Some(s) if s.size >= need => (s.offset, s.size),
+                _ => {
+                    if let Some(s) = &old {
+                        self.free.entry(s.size).or_default().push(s.offset);
+                    }
+                    let offset = self.alloc(need, space).ok_or_else(|| {
+                        format!(
+                            "farm '{}': no room left for {need} marks (too many farms, backends or weights)",
+                            farm.name
+                        )
+                    })?;
+                    (offset, need)
                 }
-                None => {}
-            }
-            let offset = self.alloc(need, space).ok_or_else(|| {
-                format!(
-                    "farm '{}': no room left for {need} marks (too many farms, backends or weights)",
-                    farm.name
-                )
-            })?;
-            self.by_farm.insert(
-                farm.name.clone(),
-                Slot {
+            };
+            self.set_entry(
+                &farm.name,
+                Some(Slot {
                     offset,
-                    size: need,
+                    size,
                     ids,
                     buckets,
-                },
+                    kind,
+                }),
             );
         }
         Ok(())
@@ -443,6 +554,8 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
             "fbuckets",
             "typeof ct mark . numgen random mod 16 : ct mark;".to_string(),
         ),
+        // Kind number (low bits of a plain farm's block offset) to the kind's chain.
+        ("kinds", "type mark : verdict;".to_string()),
         ("bki", format!("type mark : {at};")),
         ("srcaddr", format!("type mark : {at};")),
     ] {
@@ -456,11 +569,17 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         "prerouting".into(),
         Chain {
             base: Some("type nat hook prerouting priority dstnat; policy accept;".into()),
+            // Each service map, then the plain farms of its kind of key (a service is
+            // in one of the two).
             rules: vec![
                 format!("meta l4proto . {ip} daddr . th dport vmap @svcx"),
+                plain_dispatch("x", fam),
                 format!("meta l4proto . {ip} daddr . th dport vmap @svc"),
+                plain_dispatch("", fam),
                 "meta l4proto . th dport vmap @svcpx".into(),
+                plain_dispatch("px", fam),
                 "meta l4proto . th dport vmap @svcp".into(),
+                plain_dispatch("p", fam),
             ],
         },
     );
@@ -484,6 +603,7 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         },
     );
     t.chains.extend(skeleton_plain_chains(fam));
+    link_kinds(&mut t);
     filter::base(&mut t, fam);
     // intra-connect: locally generated connections to the services of farms that ask.
     t.chains.insert(
@@ -629,9 +749,9 @@ fn plain_sig(farm: &Farm, modulus: u32) -> String {
     }
 }
 
-/// The rules of a shared chain of plain farms (served through `svc{variant}`).
-fn plain_chain_def(variant: &str, fam: TableFamily, expr: &str) -> Chain {
-    let (lookup, off) = match variant {
+/// The key of a service map variant (`x`, ``, `px`, `p`) and its block-offset map.
+fn variant_lookup(variant: &str, fam: TableFamily) -> (String, &'static str) {
+    match variant {
         "x" | "" => (
             format!("meta l4proto . {} daddr . th dport", ip_kw(fam)),
             if variant.is_empty() { "offi" } else { "offx" },
@@ -640,56 +760,130 @@ fn plain_chain_def(variant: &str, fam: TableFamily, expr: &str) -> Chain {
             "meta l4proto . th dport".to_string(),
             if variant == "px" { "offpx" } else { "offp" },
         ),
-    };
+    }
+}
+
+/// The rule that serves plain farms for one service map variant: the service's block
+/// offset and kind into the conntrack mark, then on to the kind's chain. A lookup miss
+/// ends the rule, so other flows go on untouched.
+fn plain_dispatch(variant: &str, fam: TableFamily) -> String {
+    let (lookup, off) = variant_lookup(variant, fam);
+    format!("ct mark set {lookup} map @{off} ct mark & 0x{KIND_MASK:08x} vmap @kinds")
+}
+
+/// The chain of a kind: the bucket from (block . scheduler expression), then the backend.
+fn kind_chain_def(expr: &str) -> Chain {
     Chain {
         base: None,
         rules: vec![
-            format!("ct mark set {lookup} map @{off}"),
-            format!("ct mark set ct mark . {expr} map @fbuckets"),
-            "goto pick".to_string(),
+            format!("ct mark set ct mark . {expr} map @fbuckets goto pick"),
+            // A bucket without a backend: refuse the new flow.
+            "drop".to_string(),
         ],
     }
 }
 
-/// Bucket counts of `weight` farms whose shared chains are part of the skeleton (created
-/// with the tables, never removed): the common sizes, up to 32 backends. Creating a
-/// chain that uses `fbuckets` costs time in proportion to its elements (the kernel checks
-/// them when a rule binds the map), so common kinds are not created on the fly.
-const SKELETON_WEIGHT_BUCKETS: [u32; 3] = [16, 32, 64];
-
-/// The shared chains of plain farms that the skeleton holds.
+/// The skeleton's dispatch chains (for `intra-connect` services, from the output hook)
+/// and kind chains.
 fn skeleton_plain_chains(fam: TableFamily) -> impl Iterator<Item = (String, Chain)> {
-    ["x", "", "px", "p"].into_iter().flat_map(move |v| {
-        SKELETON_WEIGHT_BUCKETS.into_iter().map(move |m| {
-            (
-                plain_chain(v, &format!("rnd-{m}")),
-                plain_chain_def(v, fam, &format!("numgen random mod {m}")),
-            )
-        })
-    })
+    let dispatch = ["x", "", "px", "p"].into_iter().map(move |v| {
+        (
+            dispatch_chain(v),
+            Chain {
+                base: None,
+                rules: vec![plain_dispatch(v, fam), "drop".to_string()],
+            },
+        )
+    });
+    let kinds = SKELETON_KINDS.into_iter().map(|(id, m)| {
+        (
+            kind_chain(&Kind {
+                id,
+                sig: format!("rnd-{m}"),
+            }),
+            kind_chain_def(&format!("numgen random mod {m}")),
+        )
+    });
+    dispatch.chain(kinds)
+}
+
+/// The skeleton kind number of a scheduler signature, if it has one.
+fn skeleton_kind(sig: &str) -> Option<u32> {
+    SKELETON_KINDS
+        .iter()
+        .find(|(_, m)| sig.strip_prefix("rnd-").and_then(|x| x.parse::<u32>().ok()) == Some(*m))
+        .map(|(id, _)| *id)
 }
 
 /// Whether a chain is one of the skeleton's shared chains (not counted per farm).
 pub fn is_skeleton_chain(name: &str) -> bool {
-    name.strip_prefix(PLAIN_PREFIX)
-        .and_then(|r| r.split_once("-rnd-"))
-        .is_some_and(|(v, m)| {
-            matches!(v, "x" | "i" | "px" | "p")
-                && m.parse::<u32>()
-                    .is_ok_and(|m| SKELETON_WEIGHT_BUCKETS.contains(&m))
-        })
+    let Some(rest) = name.strip_prefix(PLAIN_PREFIX) else {
+        return false;
+    };
+    matches!(rest, "x" | "i" | "px" | "p")
+        || kind_of_chain(name).is_some_and(|(id, sig)| skeleton_kind(sig) == Some(id))
 }
 
-/// The shared chain of plain farms served through service map `svc{variant}`.
-pub fn plain_chain(variant: &str, sig: &str) -> String {
+/// The kind number and signature of a kind chain's name.
+pub fn kind_of_chain(name: &str) -> Option<(u32, &str)> {
+    let (id, sig) = name
+        .strip_prefix(PLAIN_PREFIX)?
+        .strip_prefix('k')?
+        .split_once('-')?;
+    Some((id.parse().ok()?, sig))
+}
+
+/// The chain of a kind.
+pub fn kind_chain(k: &Kind) -> String {
+    format!("{PLAIN_PREFIX}k{}-{}", k.id, k.sig)
+}
+
+/// The dispatch chain of service map variant `svc{variant}`.
+fn dispatch_chain(variant: &str) -> String {
     format!(
-        "{PLAIN_PREFIX}{}-{sig}",
+        "{PLAIN_PREFIX}{}",
         if variant.is_empty() { "i" } else { variant }
     )
 }
 
 /// Names of the chains shared by plain farms start with this.
 pub const PLAIN_PREFIX: &str = "lb-";
+
+/// Points `kinds` at every kind chain of a table (the element goes and comes with its
+/// chain, which the engine counts per farm).
+pub fn link_kinds(t: &mut Table) {
+    let links: Vec<(u32, String)> = t
+        .chains
+        .keys()
+        .filter_map(|n| kind_of_chain(n).map(|(id, _)| (id, n.clone())))
+        .collect();
+    for (id, name) in links {
+        insert(t, "kinds", mark(id), format!("goto {name}"));
+    }
+}
+
+/// Adds (`Some`) or removes a shared chain of a table, with its `kinds` element.
+pub fn set_shared_chain(t: &mut Table, name: &str, chain: Option<Chain>) {
+    let kind = kind_of_chain(name).map(|(id, _)| mark(id));
+    match chain {
+        Some(c) => {
+            t.chains.insert(name.to_string(), c);
+            if let Some(k) = kind {
+                insert(t, "kinds", k, format!("goto {name}"));
+            }
+        }
+        None => {
+            t.chains.remove(name);
+            // Unless the number now belongs to another chain (a kind given back and taken
+            // again in the same change).
+            if let (Some(k), Some(m)) = (kind, t.maps.get_mut("kinds")) {
+                if m.elements.get(&k) == Some(&format!("goto {name}")) {
+                    m.elements.remove(&k);
+                }
+            }
+        }
+    }
+}
 
 /// The scheduler expression over `modulus` buckets.
 fn sched_expr(farm: &Farm, fam: TableFamily, modulus: u32) -> String {
@@ -985,6 +1179,7 @@ pub fn render(
         merge_owned(&mut rs, frag);
         notes.extend(n);
     }
+    rs.tables.values_mut().for_each(link_kinds);
     (rs, notes)
 }
 
@@ -1099,11 +1294,13 @@ fn render_farm(
     let chain_name = farm_chain(&farm.name);
     let (picks, total) = picks(farm, statuses, fam);
     let hashed = fixed_buckets(farm).map(|b| b.max(slot.buckets));
-    // A plain farm has no chain of its own: its services jump to a chain shared by every
-    // plain farm with the same scheduler expression, which finds the farm's block through
-    // the service (`off*` maps) and the backend through (block . bucket).
-    let plain = is_plain(farm);
-    let sig = plain.then(|| plain_sig(farm, hashed.unwrap_or(total)));
+    // A plain farm has no chain of its own and no verdict element: its services are in
+    // the `off*` maps, whose value is its block offset plus its kind, and the kind's chain
+    // (shared by every plain farm with the same scheduler expression) finds the backend
+    // through (block . bucket).
+    let kind = slot.kind.as_ref().filter(|_| is_plain(farm));
+    let plain = kind.is_some();
+    let key_mark = slot.offset | kind.map_or(0, |k| k.id);
     for a in &addrs {
         for p in a.protocol.l4() {
             for r in a.ports.ranges() {
@@ -1114,25 +1311,30 @@ fn render_farm(
                     (None, true) => ("svcpx", format!("{p} . {r}")),
                     (None, false) => ("svcp", format!("{p} . {r}")),
                 };
-                let verdict = match &sig {
+                let verdict = match kind {
                     // No usable backend: refuse new flows rather than let them reach a
                     // local socket on the virtual address.
                     Some(_) if total == 0 => "drop".to_string(),
-                    Some(sig) => {
+                    Some(k) => {
                         let variant = &map[3..];
-                        let off = format!("off{}", if variant.is_empty() { "i" } else { variant });
-                        let shared = plain_chain(variant, sig);
+                        let shared = kind_chain(k);
                         if !t.chains.contains_key(&shared) {
                             let expr = sched_expr(farm, fam, hashed.unwrap_or(total));
-                            t.chains
-                                .insert(shared.clone(), plain_chain_def(variant, fam, &expr));
+                            t.chains.insert(shared, kind_chain_def(&expr));
                         }
-                        insert(t, &off, key.clone(), mark(slot.offset));
-                        format!("goto {shared}")
+                        insert(
+                            t,
+                            variant_lookup(variant, fam).1,
+                            key.clone(),
+                            mark(key_mark),
+                        );
+                        format!("goto {}", dispatch_chain(variant))
                     }
                     None => format!("goto {chain_name}"),
                 };
-                insert(t, map, key.clone(), verdict.clone());
+                if !plain || total == 0 {
+                    insert(t, map, key.clone(), verdict.clone());
+                }
                 if farm.intra_connect {
                     insert(t, &format!("o{map}"), key, verdict);
                 }
@@ -1178,12 +1380,7 @@ fn render_farm(
     }
     let mut bucket = |b: u32, m: u32| {
         if plain {
-            insert(
-                t,
-                "fbuckets",
-                format!("{} . {b}", mark(slot.offset)),
-                mark(m),
-            );
+            insert(t, "fbuckets", format!("{} . {b}", mark(key_mark)), mark(m));
         } else {
             insert(t, "buckets", mark(slot.offset + b), mark(m));
         }
@@ -1423,7 +1620,7 @@ pub(crate) mod tests {
         };
         assert_eq!(chains(&before), chains(&after));
         assert!(!chains(&before).contains_key("farm-h"));
-        assert!(chains(&before)["lb-x-h-srcip-128"].rules[1].contains("jhash ip saddr mod 128"));
+        assert!(chains(&before)["lb-k3-h-srcip-128"].rules[0].contains("jhash ip saddr mod 128"));
     }
 
     #[test]
@@ -1437,35 +1634,118 @@ pub(crate) mod tests {
         };
         let space = bucket_space(0x8000_0000);
         let mut sl = Slots::default();
+        // A plain farm's service is an `offx` element (block offset + kind), never a
+        // verdict: a change of bucket count changes mark elements only.
         let target = |st: &State, sl: &Slots| {
-            render(st, sl, &NetView::default(), &CFG).0.tables[&TableFamily::Ip].maps["svcx"]
-                .elements["tcp . 198.18.0.1 . 80"]
-                .clone()
+            let rs = render(st, sl, &NetView::default(), &CFG).0;
+            let t = &rs.tables[&TableFamily::Ip];
+            assert!(!t.maps["svcx"]
+                .elements
+                .contains_key("tcp . 198.18.0.1 . 80"));
+            let off = &t.maps["offx"].elements["tcp . 198.18.0.1 . 80"];
+            let v = u32::from_str_radix(off.trim_start_matches("0x"), 16).unwrap();
+            let kind = t.maps["kinds"].elements[&mark(v & KIND_MASK)].clone();
+            (v & !KIND_MASK, kind)
         };
         let eight = doc(8);
         sl.sync(&eight, space).unwrap();
         assert_eq!(sl.get("w").unwrap().buckets, 16);
-        assert_eq!(target(&eight, &sl), "goto lb-x-rnd-16");
-        // A ninth backend needs 32 buckets; taking it out again keeps 32, so the service
-        // element (a verdict the kernel validates against every service) stays put.
+        let (off16, kind) = target(&eight, &sl);
+        assert_eq!(kind, "goto lb-k0-rnd-16");
+        // A ninth backend needs 32 buckets (a bigger block, another kind); taking it out
+        // again keeps 32, so nothing moves.
         let nine = doc(9);
         sl.sync(&nine, space).unwrap();
         assert_eq!(sl.get("w").unwrap().buckets, 32);
-        assert_eq!(target(&nine, &sl), "goto lb-x-rnd-32");
+        let (off32, kind) = target(&nine, &sl);
+        assert_eq!(kind, "goto lb-k1-rnd-32");
+        assert_ne!(off16, off32);
         sl.sync(&eight, space).unwrap();
         assert_eq!(sl.get("w").unwrap().buckets, 32);
-        assert_eq!(target(&eight, &sl), "goto lb-x-rnd-32");
+        assert_eq!(target(&eight, &sl), (off32, kind));
         let fb = render(&eight, &sl, &NetView::default(), &CFG).0.tables[&TableFamily::Ip].maps
             ["fbuckets"]
             .elements
             .len();
         assert_eq!(fb, 32);
-        // The common weight chains are in the skeleton: not counted per farm.
-        assert!(is_skeleton_chain("lb-x-rnd-32") && is_skeleton_chain("lb-i-rnd-16"));
-        assert!(!is_skeleton_chain("lb-x-rnd-128") && !is_skeleton_chain("lb-x-sym-64"));
-        assert!(skeleton(&CFG).tables[&TableFamily::Ip6]
-            .chains
-            .contains_key("lb-px-rnd-64"));
+        // The common weight kinds and the dispatch chains are in the skeleton: not
+        // counted per farm.
+        assert!(is_skeleton_chain("lb-k1-rnd-32") && is_skeleton_chain("lb-i"));
+        assert!(!is_skeleton_chain("lb-k3-rnd-128") && !is_skeleton_chain("lb-k1-sym-64"));
+        let sk = &skeleton(&CFG).tables[&TableFamily::Ip6];
+        assert!(sk.chains.contains_key("lb-k2-rnd-64"));
+        assert_eq!(sk.maps["kinds"].elements[&mark(2)], "goto lb-k2-rnd-64");
+    }
+
+    #[test]
+    fn kinds_are_shared_reused_and_fall_back_to_farm_chains() {
+        // 14 hash farms with different field sets: 13 kind numbers are free beyond the
+        // skeleton's, so the last farm gets a chain of its own.
+        let fields = [
+            "srcip",
+            "dstip",
+            "srcport",
+            "dstport",
+            "srcmac",
+            "dstmac",
+            "srcip dstip",
+            "srcip srcport",
+            "srcip dstport",
+            "dstip dstport",
+            "srcip dstip srcport",
+            "srcip dstip dstport",
+            "srcport dstport",
+            "srcip dstip srcport dstport",
+        ];
+        let farms: Vec<serde_json::Value> = fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                json!({"name": format!("h{i:02}"), "virtual-addr":"198.18.0.1",
+                "virtual-ports": format!("{}", 1000 + i), "scheduler":"hash",
+                "sched-param": f, "backends":[{"name":"a","ip-addr":"198.18.1.1"}]})
+            })
+            .collect();
+        let mut farms2 = farms.clone();
+        // A second farm of the first kind shares its number.
+        farms2.push(json!({"name":"same","virtual-addr":"198.18.0.1","virtual-ports":"2000",
+            "scheduler":"hash","sched-param":"srcip","backends":[{"name":"a","ip-addr":"198.18.1.1"}]}));
+        let st = state(json!({ "farms": farms2 }));
+        let space = bucket_space(0x8000_0000);
+        let mut sl = Slots::default();
+        sl.sync(&st, space).unwrap();
+        let id = |n: &str| sl.get(n).unwrap().kind.as_ref().map(|k| k.id);
+        assert_eq!(id("h00"), Some(3));
+        assert_eq!(id("same"), Some(3));
+        let ids: std::collections::BTreeSet<u32> =
+            (0..13).filter_map(|i| id(&format!("h{i:02}"))).collect();
+        assert_eq!(ids, (3..=15).collect());
+        assert_eq!(id("h13"), None);
+        let (rs, _) = render(&st, &sl, &NetView::default(), &CFG);
+        let t = &rs.tables[&TableFamily::Ip];
+        assert_eq!(t.maps["kinds"].elements.len(), 16);
+        assert_eq!(
+            t.maps["svcx"].elements["tcp . 198.18.0.1 . 1013"],
+            "goto farm-h13"
+        );
+        assert!(t.chains["farm-h13"]
+            .rules
+            .iter()
+            .any(|r| r.contains("jhash")));
+        // Persisted and loaded again, the numbers in use are known.
+        let loaded: Slots = serde_json::from_value(serde_json::to_value(&sl).unwrap()).unwrap();
+        assert_eq!(loaded, sl);
+        // When the farms of a kind are gone, its number is free for another signature.
+        let mut fewer = farms.clone();
+        fewer.remove(1);
+        let st2 = state(json!({ "farms": fewer }));
+        sl.sync(&st2, space).unwrap();
+        let freed = sl.get("h13").unwrap().kind.as_ref().map(|k| k.id);
+        assert!(freed.is_some(), "h13 takes the freed number");
+        assert_eq!(
+            sl.get("h13").unwrap().kind.as_ref().unwrap().sig,
+            plain_sig(st2.farms.get("h13").unwrap(), 64)
+        );
     }
 
     #[test]
@@ -1483,7 +1763,7 @@ pub(crate) mod tests {
         let (a, b) = (r(&before), r(&after));
         let ip = |rs: &Ruleset| rs.tables[&TableFamily::Ip].clone();
         assert_eq!(ip(&a).chains, ip(&b).chains);
-        assert!(ip(&a).chains["lb-x-rnd-16"].rules[1].contains("numgen random mod 16 "));
+        assert!(ip(&a).chains["lb-k0-rnd-16"].rules[0].contains("numgen random mod 16 "));
         let count = |rs: &Ruleset, m: &str| {
             ip(rs).maps["fbuckets"]
                 .elements
