@@ -285,7 +285,7 @@ impl Slots {
     ) -> Result<(), String> {
         // Gone farms first: their blocks and kinds are free for the others.
         let (present, gone): (Vec<&String>, Vec<&String>) =
-            names.partition(|n| state.farms.contains_key(*n));
+            names.partition(|n| state.farms.contains_key(n));
         for name in gone.into_iter().chain(present) {
             let Some(farm) = state.farms.get(name) else {
                 if let Some(s) = self.by_farm.get(name) {
@@ -1318,10 +1318,9 @@ fn render_farm(
                     Some(k) => {
                         let variant = &map[3..];
                         let shared = kind_chain(k);
-                        if !t.chains.contains_key(&shared) {
-                            let expr = sched_expr(farm, fam, hashed.unwrap_or(total));
-                            t.chains.insert(shared, kind_chain_def(&expr));
-                        }
+                        t.chains.entry(shared).or_insert_with(|| {
+                            kind_chain_def(&sched_expr(farm, fam, hashed.unwrap_or(total)))
+                        });
                         insert(
                             t,
                             variant_lookup(variant, fam).1,
