@@ -898,9 +898,40 @@ impl Engine {
             stamp(&mut rs, next_seq);
             rs
         };
+        // A large change is saved as a new snapshot; it is serialised and written (not yet
+        // installed) on another thread while the kernel applies the change.
+        let seq = next_seq;
+        let small = self.snapshot_bytes > 0 && dirty.len() <= 1000.max(next.farms.len() / 10);
+        let mut prepared = None;
         if !tx.is_empty() {
             tracing::debug!("transaction:\n{}", tx.to_text());
-            if let Err(e) = self.apply_tx(&tx, &[&new_part, &old_part], false) {
+            let early = (!small && !unchanged)
+                .then(|| self.store.clone())
+                .flatten()
+                .map(|store| {
+                    (
+                        store,
+                        self.state.clone(),
+                        std::mem::take(&mut self.fragments),
+                    )
+                });
+            let (applied, pre) = std::thread::scope(|sc| {
+                let (next, slots) = (&next, &slots);
+                let writer = early.map(|(store, old, frags)| {
+                    sc.spawn(move || {
+                        let (text, new_frags) = saved_text(&old, &frags, next, slots, seq);
+                        let written = store.prepare(text.as_bytes());
+                        (text.len(), new_frags, frags, written)
+                    })
+                });
+                let applied = self.apply_tx(&tx, &[&new_part, &old_part], false);
+                (applied, writer.map(|w| w.join().expect("snapshot writer")))
+            });
+            if let Some((len, new_frags, frags, written)) = pre {
+                self.fragments = frags;
+                prepared = Some((len, new_frags, written));
+            }
+            if let Err(e) = applied {
                 // Our tables may have been changed behind our back (for example deleted by
                 // hand): bring them to the new state from scratch, in one transaction.
                 tracing::warn!("incremental transaction failed ({e}); resynchronising");
@@ -917,6 +948,9 @@ impl Engine {
                     if let Err(e3) = self.resync_kernel(&back) {
                         tracing::error!("cannot restore the previous ruleset: {e3}");
                     }
+                    if let (Some(store), Some(_)) = (&self.store, &prepared) {
+                        store.discard();
+                    }
                     return Err(kernel_failure(&e, &e2));
                 }
             }
@@ -924,19 +958,24 @@ impl Engine {
         let t3 = Instant::now();
         let mut new_fragments = None;
         if let (Some(store), false) = (&self.store, unchanged) {
-            let seq = next_seq;
             // A journal entry with just the changed objects, unless the journal has grown
             // past the snapshot (then a new snapshot) or the change reorders objects.
             // Small changes go to the journal; a change of many farms (or the first save)
             // writes a snapshot directly, without building a journal entry first.
-            let small = self.snapshot_bytes > 0 && dirty.len() <= 1000.max(next.farms.len() / 10);
             let entry = small
                 .then(|| journal_entry(&self.state, &next, &changes, &dirty, &slots, seq))
                 .flatten()
                 .filter(|e| self.journal_bytes + e.len() <= self.snapshot_bytes.max(1 << 20));
-            let saved = match &entry {
-                Some(e) => store.append(e.as_bytes()).map(|_| e.len()),
-                None => {
+            let saved = match (&entry, prepared) {
+                (Some(e), _) => store.append(e.as_bytes()).map(|_| e.len()),
+                (None, Some((len, fragments, written))) => {
+                    new_fragments = Some(fragments);
+                    written.and_then(|_| store.install()).map(|_| {
+                        self.snapshot_bytes = len;
+                        0
+                    })
+                }
+                (None, None) => {
                     let (text, fragments) =
                         saved_text(&self.state, &self.fragments, &next, &slots, seq);
                     new_fragments = Some(fragments);
@@ -2599,6 +2638,84 @@ mod journal_tests {
             fresh.state().farms.keys().next().map(String::as_str),
             Some("z")
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use crate::kernel::FakeKernel;
+
+    fn req(e: &mut Engine, method: &str, path: &str, body: &str) -> Reply {
+        e.handle(&Request {
+            method: method.into(),
+            path: path.into(),
+            body: body.as_bytes().to_vec(),
+        })
+    }
+
+    /// A change of many farms is saved as a snapshot written while the kernel applies it:
+    /// installed when the kernel takes the change, dropped when it refuses it.
+    #[test]
+    fn a_snapshot_written_beside_a_refused_change_is_dropped() {
+        let dir = std::env::temp_dir().join(format!("nftlb-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("state.json");
+        let mut e = Engine::new(
+            Box::new(FakeKernel::default()),
+            Some(Store::new(&path)),
+            EngineConfig {
+                masquerade_mark: 0x8000_0000,
+            },
+        );
+        e.start(None, true).unwrap();
+        let farms = |from: usize, n: usize| {
+            let f: Vec<String> = (from..from + n)
+                .map(|i| {
+                    format!(
+                        r#"{{"name":"f{i}","virtual-addr":"198.18.0.1","virtual-ports":"{}",
+                        "backends":[{{"name":"a","ip-addr":"198.18.1.1"}}]}}"#,
+                        1000 + i
+                    )
+                })
+                .collect();
+            format!(r#"{{"farms":[{}]}}"#, f.join(","))
+        };
+        // The first save is a snapshot.
+        assert_eq!(req(&mut e, "POST", "/farms", &farms(0, 50)).status, 200);
+        let saved = std::fs::read(&path).unwrap();
+        assert!(Store::new(&path).load_journal().unwrap().is_empty());
+        // 1,001 more farms: too many for a journal entry, so a snapshot. The kernel
+        // refuses the change and the resync, and takes the ruleset back.
+        e.kernel = Box::new(FakeKernel {
+            failures: 2,
+            ..Default::default()
+        });
+        let r = req(&mut e, "POST", "/farms", &farms(50, 1001));
+        assert_eq!(r.status, 500, "{}", r.body);
+        assert_eq!(std::fs::read(&path).unwrap(), saved, "state file unchanged");
+        assert!(!path.with_extension("json.tmp").exists());
+        assert_eq!(e.state().farms.len(), 50);
+        // A small change goes to the journal; then the large one, accepted, installs its
+        // snapshot, which replaces the journal.
+        assert_eq!(req(&mut e, "POST", "/farms", &farms(2000, 1)).status, 200);
+        assert_eq!(Store::new(&path).load_journal().unwrap().len(), 1);
+        assert_eq!(req(&mut e, "POST", "/farms", &farms(50, 1001)).status, 200);
+        assert!(!path.with_extension("json.tmp").exists());
+        assert!(Store::new(&path).load_journal().unwrap().is_empty());
+        assert_ne!(std::fs::read(&path).unwrap(), saved);
+        let mut fresh = Engine::new(
+            Box::new(FakeKernel::default()),
+            Some(Store::new(&path)),
+            EngineConfig {
+                masquerade_mark: 0x8000_0000,
+            },
+        );
+        fresh.start(None, true).unwrap();
+        assert_eq!(fresh.state(), e.state());
+        assert_eq!(fresh.state().farms.len(), 1052);
+        assert_eq!(fresh.slots, e.slots);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

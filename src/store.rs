@@ -109,7 +109,37 @@ impl Store {
     /// Replaces the saved document atomically with `text` (already JSON), then drops the
     /// journal it supersedes.
     pub fn save_bytes(&self, text: &[u8]) -> Result<(), String> {
-        self.write_snapshot(text)?;
+        self.prepare(text)?;
+        self.install()
+    }
+
+    /// Writes a new snapshot beside the state file (synced), without replacing it yet:
+    /// [`Store::install`] does that, [`Store::discard`] drops it. Lets the snapshot be
+    /// written while the kernel applies the change it records.
+    pub fn prepare(&self, text: &[u8]) -> Result<(), String> {
+        fs::create_dir_all(self.dir())
+            .map_err(|e| format!("cannot create {}: {e}", self.dir().display()))?;
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(self.tmp_path())?;
+            f.write_all(text)?;
+            f.sync_all()
+        };
+        write().map_err(|e| {
+            self.discard();
+            format!("cannot write state file {}: {e}", self.path.display())
+        })
+    }
+
+    /// Makes the prepared snapshot the state file and removes the journal it replaces.
+    pub fn install(&self) -> Result<(), String> {
+        let rename = || -> std::io::Result<()> {
+            fs::rename(self.tmp_path(), &self.path)?;
+            File::open(self.dir())?.sync_all()
+        };
+        rename().map_err(|e| {
+            self.discard();
+            format!("cannot write state file {}: {e}", self.path.display())
+        })?;
         match fs::remove_file(self.journal_path()) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -117,25 +147,20 @@ impl Store {
         }
     }
 
-    fn write_snapshot(&self, text: &[u8]) -> Result<(), String> {
-        let dir = self
-            .path
+    /// Drops a prepared snapshot.
+    pub fn discard(&self) {
+        let _ = fs::remove_file(self.tmp_path());
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.path.with_extension("json.tmp")
+    }
+
+    fn dir(&self) -> &Path {
+        self.path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let tmp = self.path.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(text)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &self.path)?;
-            File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            format!("cannot write state file {}: {e}", self.path.display())
-        })
+            .unwrap_or(Path::new("."))
     }
 }
 
