@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
@@ -18,7 +18,10 @@ use crate::render::{
     bucket_space, id_base, merge_owned, render_base, render_fragment, session_maps, skeleton,
     RenderConfig, Slots, PLAIN_PREFIX,
 };
-use crate::ruleset::{parse_listing, plan, resync, split, Ruleset, TableFamily, TABLE};
+use crate::ruleset::{
+    addition_batches, parse_listing, plan, resync, split, undo_additions, Ruleset, TableFamily,
+    TABLE,
+};
 use crate::store::Store;
 
 /// An API request as the engine sees it.
@@ -129,6 +132,9 @@ pub struct Engine {
     ix: Indexes,
     /// Transactions applied over netlink.
     netlink_txs: u64,
+    /// Most element commands per kernel transaction when a large load is cut into
+    /// several (see [`addition_batches`]).
+    element_batch_commands: usize,
     /// How many farms use each chain shared by plain farms.
     shared_refs: SharedRefs,
 }
@@ -256,6 +262,12 @@ impl Changes {
     }
 }
 
+/// Element commands (of up to 512 elements each) per kernel transaction when a large
+/// load is cut into several: about 16k elements. Measured at 100,000 farms of 8
+/// backends (2.6 M elements): 7.4 s of kernel time in one transaction, 3.8 s in batches
+/// of 4k to 64k elements (no clear difference inside that range).
+const ELEMENT_BATCH_COMMANDS: usize = 32;
+
 /// A farm's rendered part of the ruleset.
 struct Fragment {
     /// The chains shared with other plain farms that the farm uses, with their rules.
@@ -311,6 +323,7 @@ impl Engine {
             rendered: false,
             ix: Indexes::default(),
             netlink_txs: 0,
+            element_batch_commands: ELEMENT_BATCH_COMMANDS,
             shared_refs: HashMap::new(),
         }
     }
@@ -381,10 +394,12 @@ impl Engine {
                 }
             }
         }
+        let t_load = started.elapsed();
         if let Some(doc) = config {
             document::apply_document(&mut st, doc, &ApplyMode::Upsert, &pcfg)
                 .map_err(|e| format!("configuration: {e}"))?;
         }
+        let t_doc = started.elapsed();
         st.validate().map_err(|e| format!("configuration: {e}"))?;
         self.check_capabilities(&st.farms.values().collect::<Vec<_>>())
             .map_err(|e| format!("configuration: {e}"))?;
@@ -392,7 +407,9 @@ impl Engine {
             .sync(&st, bucket_space(self.cfg.masquerade_mark))
             .map_err(|e| format!("configuration: {e}"))?;
         let net = netinfo::gather(&st);
+        let t_validate = started.elapsed();
         let (rs, notes, refs) = self.render_full(&st, &slots, &net);
+        let t_render = started.elapsed();
         self.shared_refs = refs;
         self.rendered = true;
         for (_, n) in &notes {
@@ -417,6 +434,7 @@ impl Engine {
         } else {
             self.resync_kernel(&rs)?;
         }
+        let t_kernel = started.elapsed();
         if will_save {
             if let Some(store) = &self.store {
                 self.seq = seq;
@@ -426,9 +444,16 @@ impl Engine {
                 self.journal_bytes = 0;
             }
         }
+        let ms = |d: Duration| d.as_millis() as u64;
         tracing::info!(
             farms = st.farms.len(),
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            load_ms = ms(t_load),
+            document_ms = ms(t_doc - t_load),
+            validate_ms = ms(t_validate - t_doc),
+            render_ms = ms(t_render - t_validate),
+            kernel_ms = ms(t_kernel - t_render),
+            save_ms = ms(started.elapsed() - t_kernel),
+            elapsed_ms = ms(started.elapsed()),
             "kernel in sync with the desired state"
         );
         let _ = st.farms.take_changes();
@@ -588,7 +613,13 @@ impl Engine {
                 .find_map(|rs| rs.tables.get(&fam)?.maps.get(name))
                 .map(|m| m.spec.clone())
         };
-        if let Some(batch) = netlink::encode(&tx.commands, spec_of) {
+        // Element-only: one batch, unless a large load to cut (below).
+        let load = tx.commands.len() > self.element_batch_commands
+            && tx.commands.iter().all(|c| c.starts_with("add element "));
+        if let Some(batch) = (!load)
+            .then(|| netlink::encode(&tx.commands, spec_of))
+            .flatten()
+        {
             match self.kernel.apply_elements(&batch) {
                 Some(Ok(())) => {
                     self.netlink_txs += 1;
@@ -601,29 +632,50 @@ impl Engine {
             }
             return self.kernel.apply(&tx.to_text());
         }
+        // The elements in one batch, or (a large load) in several, each its own kernel
+        // transaction (see `addition_batches`).
         let parts = split(tx, fresh).and_then(|p| {
-            let batch = netlink::encode(&p.elements, spec_of)?;
-            Some((p, batch))
+            let chunks = addition_batches(&p.elements, self.element_batch_commands)
+                .unwrap_or_else(|| vec![p.elements.clone()]);
+            let batches = chunks
+                .iter()
+                .map(|c| netlink::encode(c, spec_of))
+                .collect::<Option<Vec<_>>>()?;
+            Some((p, chunks, batches))
         });
-        let Some((parts, batch)) = parts.filter(|_| self.kernel.has_netlink()) else {
+        let Some((parts, chunks, batches)) = parts.filter(|_| self.kernel.has_netlink()) else {
             return self.kernel.apply(&tx.to_text());
         };
         let lines = |c: &[String]| c.iter().map(|l| format!("{l}\n")).collect::<String>();
         if !parts.create.is_empty() {
             self.kernel.apply(&lines(&parts.create))?;
         }
-        match self.kernel.apply_elements(&batch) {
-            Some(Ok(())) => {}
-            other => {
-                if let Some(Err(e)) = other {
-                    tracing::info!("netlink batch not applied ({e}); using libnftables");
-                }
-                if !parts.undo_create.is_empty() {
-                    if let Err(e) = self.kernel.apply(&lines(&parts.undo_create)) {
-                        tracing::warn!("cannot remove the objects just created: {e}");
+        for (i, batch) in batches.iter().enumerate() {
+            match self.kernel.apply_elements(batch) {
+                Some(Ok(())) => {}
+                other => {
+                    if let Some(Err(e)) = other {
+                        tracing::info!("netlink batch not applied ({e}); using libnftables");
                     }
+                    // Take back the batches already applied, then what was created, and
+                    // let libnftables apply (or explain) the whole transaction.
+                    if i > 0 {
+                        let undo = undo_additions(&chunks[..i].concat());
+                        let undone = match netlink::encode(&undo, spec_of) {
+                            Some(b) => self.kernel.apply_elements(&b).unwrap_or(Ok(())),
+                            None => self.kernel.apply(&lines(&undo)),
+                        };
+                        if let Err(e) = undone {
+                            tracing::warn!("cannot remove the elements just added: {e}");
+                        }
+                    }
+                    if !parts.undo_create.is_empty() {
+                        if let Err(e) = self.kernel.apply(&lines(&parts.undo_create)) {
+                            tracing::warn!("cannot remove the objects just created: {e}");
+                        }
+                    }
+                    return self.kernel.apply(&tx.to_text());
                 }
-                return self.kernel.apply(&tx.to_text());
             }
         }
         self.netlink_txs += 1;
@@ -633,6 +685,12 @@ impl Engine {
             self.kernel.apply(&lines(&parts.remove))?;
         }
         Ok(())
+    }
+
+    /// Sets the most element commands per kernel transaction of a large load (tests).
+    #[doc(hidden)]
+    pub fn set_element_batch_commands(&mut self, n: usize) {
+        self.element_batch_commands = n;
     }
 
     /// How many transactions went over the netlink element path.

@@ -422,6 +422,59 @@ pub fn split(tx: &Transaction, allow_base: bool) -> Option<Split> {
     })
 }
 
+/// Maps whose elements make a flow reach a farm (services and their intra-connect
+/// copies; plain farms' block offsets): filled last when additions are cut into batches.
+const ENTRY_MAPS: [&str; 3] = ["svc", "osvc", "off"];
+
+/// Cuts element additions (a large load) into batches of at most `per_batch` commands,
+/// each to be its own kernel transaction: a set that grows by millions of elements in one
+/// transaction cannot be rehashed until the transaction ends (the kernel's rehash worker
+/// waits), and every insert takes the slow path. The batches are ordered so that a flow
+/// can reach a farm only once everything the farm uses is in place: other maps first,
+/// then the entry maps (`ENTRY_MAPS`), then the generation stamp (`gen`), so that a load
+/// cut short never claims to be complete. `None` when the commands are not all additions
+/// or fit in one batch.
+pub fn addition_batches(elements: &[String], per_batch: usize) -> Option<Vec<Vec<String>>> {
+    if elements.len() <= per_batch.max(1) || !elements.iter().all(|c| c.starts_with("add element "))
+    {
+        return None;
+    }
+    let rank = |c: &String| {
+        let map = c.split_whitespace().nth(4).unwrap_or_default();
+        if map == "gen" {
+            2
+        } else if ENTRY_MAPS.iter().any(|p| map.starts_with(p)) {
+            1
+        } else {
+            0
+        }
+    };
+    let mut ordered: Vec<&String> = elements.iter().collect();
+    ordered.sort_by_key(|c| rank(c));
+    Some(
+        ordered
+            .chunks(per_batch.max(1))
+            .map(|c| c.iter().map(|s| (*s).clone()).collect())
+            .collect(),
+    )
+}
+
+/// The deletions that take back element additions (keys only, as nft sends them).
+pub fn undo_additions(adds: &[String]) -> Vec<String> {
+    adds.iter()
+        .filter_map(|c| {
+            let open = c.find('{')?;
+            let head = c[..open].strip_prefix("add ")?;
+            let body = c[open + 1..].trim_end().strip_suffix('}')?;
+            let keys: Vec<&str> = body
+                .split(',')
+                .map(|e| e.split(" : ").next().unwrap_or_default().trim())
+                .collect();
+            Some(format!("delete {head}{{ {} }}", keys.join(", ")))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -482,6 +535,48 @@ mod tests {
         assert_eq!(
             plan(&b, &Ruleset::default()).commands,
             vec!["delete table ip nftlb"]
+        );
+    }
+
+    #[test]
+    fn additions_are_batched_with_entries_and_the_stamp_last() {
+        let cmds: Vec<String> = [
+            "add element ip nftlb svcx { tcp . 198.18.0.1 . 80 : goto farm-a }",
+            "add element ip nftlb gen { 0x00000002 }",
+            "add element ip nftlb fbuckets { 0x00000010 . 0 : 0x00000010, 0x00000010 . 1 : 0x00000011 }",
+            "add element ip6 nftlb offx { tcp . 2001:2::1 . 80 : 0x00000020 }",
+            "add element ip nftlb bk { 0x00000010 : 198.18.1.1 . 80 }",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(addition_batches(&cmds, 5), None, "fits in one batch");
+        let mut with_delete = cmds.clone();
+        with_delete.push("delete element ip nftlb bk { 0x00000011 }".into());
+        assert_eq!(
+            addition_batches(&with_delete, 2),
+            None,
+            "not only additions"
+        );
+        let b = addition_batches(&cmds, 2).unwrap();
+        assert_eq!(
+            b,
+            vec![
+                vec![cmds[2].clone(), cmds[4].clone()],
+                vec![cmds[0].clone(), cmds[3].clone()],
+                vec![cmds[1].clone()],
+            ]
+        );
+        assert_eq!(
+            undo_additions(&b[0]),
+            vec![
+                "delete element ip nftlb fbuckets { 0x00000010 . 0, 0x00000010 . 1 }",
+                "delete element ip nftlb bk { 0x00000010 }",
+            ]
+        );
+        assert_eq!(
+            undo_additions(&b[1])[1],
+            "delete element ip6 nftlb offx { tcp . 2001:2::1 . 80 }"
         );
     }
 

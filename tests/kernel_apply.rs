@@ -374,6 +374,121 @@ fn refused_element_batch_takes_back_created_objects() {
     assert!(a.listing().contains("chain farm-p"), "{}", a.listing());
 }
 
+/// Refuses one element batch (by number) and records what the namespace holds when the
+/// next libnftables transaction comes (the one after the refusal).
+struct RefuseBatch {
+    inner: NsKernel,
+    batches: std::sync::Arc<AtomicUsize>,
+    refuse: std::sync::Arc<AtomicUsize>,
+    after_refusal: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl Kernel for RefuseBatch {
+    fn apply(&mut self, commands: &str) -> Result<(), KernelError> {
+        let refused = self.batches.load(Ordering::SeqCst) >= self.refuse.load(Ordering::SeqCst);
+        let mut seen = self.after_refusal.lock().unwrap();
+        if refused && seen.is_none() {
+            *seen = Some(
+                Ns(self.inner.0.clone())
+                    .nft_keep("", &["list", "table", "ip", "nftlb"])
+                    .unwrap(),
+            );
+        }
+        self.inner.apply(commands)
+    }
+    fn check(&mut self, commands: &str) -> Result<(), KernelError> {
+        self.inner.check(commands)
+    }
+    fn list(&mut self, command: &str) -> Result<String, KernelError> {
+        self.inner.list(command)
+    }
+    fn list_json(&mut self, command: &str) -> Result<serde_json::Value, KernelError> {
+        self.inner.list_json(command)
+    }
+    fn name(&self) -> &'static str {
+        "refuse-batch"
+    }
+    fn apply_elements(&mut self, batch: &ElementBatch) -> Option<Result<(), KernelError>> {
+        let n = self.batches.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.refuse.load(Ordering::SeqCst) {
+            return Some(Err(KernelError::Rejected("refused by the test".into())));
+        }
+        self.inner.apply_elements(batch)
+    }
+    fn has_netlink(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn a_load_cut_into_batches_is_taken_back_when_one_is_refused() {
+    let a = Ns::new();
+    let batches = std::sync::Arc::new(AtomicUsize::new(0));
+    let after_refusal = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let refuse = std::sync::Arc::new(AtomicUsize::new(usize::MAX));
+    let mut e = Engine::new(
+        Box::new(RefuseBatch {
+            inner: NsKernel::new(&a.0),
+            batches: batches.clone(),
+            refuse: refuse.clone(),
+            after_refusal: after_refusal.clone(),
+        }),
+        None,
+        EngineConfig {
+            masquerade_mark: 0x8000_0000,
+        },
+    );
+    e.start(None, false).expect("start");
+    // Two element commands per kernel transaction: 20 farms' backends, buckets, services
+    // and the stamp make four commands, so two batches.
+    e.set_element_batch_commands(2);
+    let b0 = batches.load(Ordering::SeqCst);
+    refuse.store(b0 + 2, Ordering::SeqCst);
+    let farms = |from: usize| {
+        let f: Vec<String> = (from..from + 20)
+            .map(|i| {
+                let b: Vec<String> = (1..=8)
+                    .map(|j| format!(r#"{{"name":"b{j}","ip-addr":"198.18.1.{j}"}}"#))
+                    .collect();
+                format!(
+                    r#"{{"name":"f{i}","virtual-addr":"198.18.0.{}","virtual-ports":"80","backends":[{}]}}"#,
+                    i + 1,
+                    b.join(",")
+                )
+            })
+            .collect();
+        format!(r#"{{"farms":[{}]}}"#, f.join(","))
+    };
+    // The second batch (services, stamp) is refused: the first (backends, buckets) is
+    // taken back before libnftables applies the whole transaction.
+    let txs = e.netlink_transactions();
+    assert_eq!(send(&mut e, "POST", "/farms", &farms(0)), 200);
+    assert_eq!(
+        batches.load(Ordering::SeqCst),
+        b0 + 3,
+        "two batches and the undo"
+    );
+    assert_eq!(e.netlink_transactions(), txs);
+    let seen = after_refusal
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("libnftables was used");
+    assert!(
+        !seen.contains("198.18.1.1 . ") && !seen.contains("198.18.1.1\n"),
+        "{seen}"
+    );
+    assert!(!seen.contains("0x00000010 . 0 :"), "{seen}");
+    assert_eq!(a.listing(), fresh_start_listing(&e));
+    assert!(a.listing().contains("198.18.0.20"), "{}", a.listing());
+    // Accepted: the next load goes in two batches, services last.
+    assert_eq!(send(&mut e, "POST", "/farms", &farms(20)), 200);
+    assert_eq!(batches.load(Ordering::SeqCst), b0 + 5);
+    assert_eq!(e.netlink_transactions(), txs + 1);
+    assert_eq!(a.listing(), fresh_start_listing(&e));
+    assert!(a.listing().contains("198.18.0.40"), "{}", a.listing());
+}
+
 #[test]
 fn restart_resyncs_in_place_and_removes_leftovers() {
     let a = Ns::new();
