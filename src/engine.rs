@@ -19,8 +19,8 @@ use crate::render::{
     RenderConfig, Slots, PLAIN_PREFIX,
 };
 use crate::ruleset::{
-    addition_batches, parse_listing, plan, resync, split, undo_additions, Ruleset, TableFamily,
-    TABLE,
+    addition_batches, is_load, parse_listing, plan, resync, split, undo_additions, Ruleset,
+    TableFamily, TABLE,
 };
 use crate::store::Store;
 
@@ -614,8 +614,7 @@ impl Engine {
                 .map(|m| m.spec.clone())
         };
         // Element-only: one batch, unless a large load to cut (below).
-        let load = tx.commands.len() > self.element_batch_commands
-            && tx.commands.iter().all(|c| c.starts_with("add element "));
+        let load = is_load(&tx.commands, self.element_batch_commands);
         if let Some(batch) = (!load)
             .then(|| netlink::encode(&tx.commands, spec_of))
             .flatten()

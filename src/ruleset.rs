@@ -435,12 +435,11 @@ const ENTRY_MAPS: [&str; 3] = ["svc", "osvc", "off"];
 /// cut short never claims to be complete. `None` when the commands are not all additions
 /// or fit in one batch.
 pub fn addition_batches(elements: &[String], per_batch: usize) -> Option<Vec<Vec<String>>> {
-    if elements.len() <= per_batch.max(1) || !elements.iter().all(|c| c.starts_with("add element "))
-    {
+    if !is_load(elements, per_batch) {
         return None;
     }
     let rank = |c: &String| {
-        let map = c.split_whitespace().nth(4).unwrap_or_default();
+        let map = element_map(c);
         if map == "gen" {
             2
         } else if ENTRY_MAPS.iter().any(|p| map.starts_with(p)) {
@@ -459,9 +458,25 @@ pub fn addition_batches(elements: &[String], per_batch: usize) -> Option<Vec<Vec
     )
 }
 
+/// Whether element commands are a load to cut into batches (see [`addition_batches`]):
+/// more than one batch, and additions only (but for the stamp, which is replaced).
+pub fn is_load(elements: &[String], per_batch: usize) -> bool {
+    elements.len() > per_batch.max(1)
+        && elements.iter().all(|c| {
+            c.starts_with("add element ")
+                || (c.starts_with("delete element ") && element_map(c) == "gen")
+        })
+}
+
+/// The map (or set) an element command is about.
+fn element_map(c: &str) -> &str {
+    c.split_whitespace().nth(4).unwrap_or_default()
+}
+
 /// The deletions that take back element additions (keys only, as nft sends them).
 pub fn undo_additions(adds: &[String]) -> Vec<String> {
     adds.iter()
+        .filter(|c| c.starts_with("add element "))
         .filter_map(|c| {
             let open = c.find('{')?;
             let head = c[..open].strip_prefix("add ")?;
@@ -558,6 +573,12 @@ mod tests {
             None,
             "not only additions"
         );
+        // The stamp is replaced (deleted, then added) in the last batch.
+        let mut cmds = cmds;
+        cmds.insert(0, "delete element ip nftlb gen { 0x00000001 }".into());
+        let b = addition_batches(&cmds, 2).unwrap();
+        assert_eq!(b.last().unwrap(), &vec![cmds[0].clone(), cmds[2].clone()]);
+        cmds.remove(0);
         let b = addition_batches(&cmds, 2).unwrap();
         assert_eq!(
             b,
