@@ -19,7 +19,7 @@ use crate::render::{
     RenderConfig, Slots, PLAIN_PREFIX,
 };
 use crate::ruleset::{
-    addition_batches, is_load, parse_listing, plan, resync, split, undo_additions, Ruleset,
+    into_batches, is_load, parse_listing, plan, resync, split, undo_additions, Ruleset,
     TableFamily, TABLE,
 };
 use crate::store::Store;
@@ -133,7 +133,7 @@ pub struct Engine {
     /// Transactions applied over netlink.
     netlink_txs: u64,
     /// Most element commands per kernel transaction when a large load is cut into
-    /// several (see [`addition_batches`]).
+    /// several (see [`into_batches`]).
     element_batch_commands: usize,
     /// How many farms use each chain shared by plain farms.
     shared_refs: SharedRefs,
@@ -632,25 +632,28 @@ impl Engine {
             return self.kernel.apply(&tx.to_text());
         }
         // The elements in one batch, or (a large load) in several, each its own kernel
-        // transaction (see `addition_batches`).
-        let parts = split(tx, fresh).and_then(|p| {
-            let chunks = addition_batches(&p.elements, self.element_batch_commands)
-                .unwrap_or_else(|| vec![p.elements.clone()]);
-            let batches = chunks
-                .iter()
-                .map(|c| netlink::encode(c, spec_of))
-                .collect::<Option<Vec<_>>>()?;
-            Some((p, chunks, batches))
+        // transaction (see `into_batches`), encoded one at a time. The first is encoded
+        // before anything is created: a command the encoder does not know sends the
+        // whole transaction to libnftables.
+        let parts = split(tx, fresh).and_then(|mut p| {
+            let chunks = into_batches(std::mem::take(&mut p.elements), self.element_batch_commands);
+            let first = netlink::encode(&chunks[0], spec_of)?;
+            Some((p, chunks, first))
         });
-        let Some((parts, chunks, batches)) = parts.filter(|_| self.kernel.has_netlink()) else {
+        let Some((parts, chunks, first)) = parts.filter(|_| self.kernel.has_netlink()) else {
             return self.kernel.apply(&tx.to_text());
         };
         let lines = |c: &[String]| c.iter().map(|l| format!("{l}\n")).collect::<String>();
         if !parts.create.is_empty() {
             self.kernel.apply(&lines(&parts.create))?;
         }
-        for (i, batch) in batches.iter().enumerate() {
-            match self.kernel.apply_elements(batch) {
+        let mut first = Some(first);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let applied = match first.take().or_else(|| netlink::encode(chunk, spec_of)) {
+                Some(batch) => self.kernel.apply_elements(&batch),
+                None => None,
+            };
+            match applied {
                 Some(Ok(())) => {}
                 other => {
                     if let Some(Err(e)) = other {

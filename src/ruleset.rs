@@ -432,11 +432,11 @@ const ENTRY_MAPS: [&str; 3] = ["svc", "osvc", "off"];
 /// waits), and every insert takes the slow path. The batches are ordered so that a flow
 /// can reach a farm only once everything the farm uses is in place: other maps first,
 /// then the entry maps (`ENTRY_MAPS`), then the generation stamp (`gen`), so that a load
-/// cut short never claims to be complete. `None` when the commands are not all additions
-/// or fit in one batch.
-pub fn addition_batches(elements: &[String], per_batch: usize) -> Option<Vec<Vec<String>>> {
-    if !is_load(elements, per_batch) {
-        return None;
+/// cut short never claims to be complete. Other element commands (not a load, see
+/// [`is_load`]) stay one batch.
+pub fn into_batches(elements: Vec<String>, per_batch: usize) -> Vec<Vec<String>> {
+    if !is_load(&elements, per_batch) {
+        return vec![elements];
     }
     let rank = |c: &String| {
         let map = element_map(c);
@@ -448,17 +448,17 @@ pub fn addition_batches(elements: &[String], per_batch: usize) -> Option<Vec<Vec
             0
         }
     };
-    let mut ordered: Vec<&String> = elements.iter().collect();
+    let mut ordered = elements;
     ordered.sort_by_key(|c| rank(c));
-    Some(
-        ordered
-            .chunks(per_batch.max(1))
-            .map(|c| c.iter().map(|s| (*s).clone()).collect())
-            .collect(),
-    )
+    let mut out = Vec::with_capacity(ordered.len().div_ceil(per_batch));
+    let mut it = ordered.into_iter().peekable();
+    while it.peek().is_some() {
+        out.push(it.by_ref().take(per_batch).collect());
+    }
+    out
 }
 
-/// Whether element commands are a load to cut into batches (see [`addition_batches`]):
+/// Whether element commands are a load to cut into batches (see [`into_batches`]):
 /// more than one batch, and additions only (but for the stamp, which is replaced).
 pub fn is_load(elements: &[String], per_batch: usize) -> bool {
     elements.len() > per_batch.max(1)
@@ -565,21 +565,25 @@ mod tests {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        assert_eq!(addition_batches(&cmds, 5), None, "fits in one batch");
+        assert_eq!(
+            into_batches(cmds.clone(), 5),
+            vec![cmds.clone()],
+            "fits in one batch"
+        );
         let mut with_delete = cmds.clone();
         with_delete.push("delete element ip nftlb bk { 0x00000011 }".into());
         assert_eq!(
-            addition_batches(&with_delete, 2),
-            None,
+            into_batches(with_delete.clone(), 2),
+            vec![with_delete],
             "not only additions"
         );
         // The stamp is replaced (deleted, then added) in the last batch.
         let mut cmds = cmds;
         cmds.insert(0, "delete element ip nftlb gen { 0x00000001 }".into());
-        let b = addition_batches(&cmds, 2).unwrap();
+        let b = into_batches(cmds.clone(), 2);
         assert_eq!(b.last().unwrap(), &vec![cmds[0].clone(), cmds[2].clone()]);
         cmds.remove(0);
-        let b = addition_batches(&cmds, 2).unwrap();
+        let b = into_batches(cmds.clone(), 2);
         assert_eq!(
             b,
             vec![
