@@ -2,6 +2,7 @@
 //! writing the GET documents. Values are accepted as JSON strings (the original's form)
 //! or numbers; key order does not matter; every error names the object, key and value.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use std::sync::Arc;
@@ -160,29 +161,47 @@ pub fn apply_document(
         }
     }
     // Policies first so that farms and addresses in the same document can attach them.
-    if let Some(list) = top.get("policies") {
-        for p in as_array(list, "policies", "the document")? {
-            apply_policy(state, p, mode)?;
+    for kind in LISTS {
+        if let Some(list) = top.get(kind) {
+            for item in as_array(list, kind, "the document")? {
+                apply_item(state, kind, item, mode, cfg)?;
+            }
         }
     }
-    if let Some(list) = top.get("addresses") {
-        for a in as_array(list, "addresses", "the document")? {
-            let obj = as_object(a, "An address")?;
+    finish(state, mode)?;
+    Ok(notes)
+}
+
+/// The lists of a document, in the order they are applied.
+const LISTS: [&str; 3] = ["policies", "addresses", "farms"];
+
+/// Applies one object of a document's list `kind`.
+fn apply_item(
+    state: &mut State,
+    kind: &str,
+    item: &Value,
+    mode: &ApplyMode,
+    cfg: &ParseConfig,
+) -> DResult<()> {
+    match kind {
+        "policies" => apply_policy(state, item, mode),
+        "addresses" => {
+            let obj = as_object(item, "An address")?;
             if *mode != ApplyMode::Upsert {
                 return invalid("Only policies can be changed by this request");
             }
-            apply_address(state, obj, true, false)?;
+            apply_address(state, obj, true, false).map(|_| ())
         }
+        _ => match mode {
+            ApplyMode::Upsert => apply_farm(state, item, cfg),
+            ApplyMode::ReplaceFarmPolicies(name) => replace_farm_policies(state, item, name),
+            _ => invalid("Only policies can be changed by this request"),
+        },
     }
-    if let Some(list) = top.get("farms") {
-        for f in as_array(list, "farms", "the document")? {
-            match mode {
-                ApplyMode::Upsert => apply_farm(state, f, cfg)?,
-                ApplyMode::ReplaceFarmPolicies(name) => replace_farm_policies(state, f, name)?,
-                _ => return invalid("Only policies can be changed by this request"),
-            }
-        }
-    }
+}
+
+/// Checks that end a document.
+fn finish(state: &State, mode: &ApplyMode) -> DResult<()> {
     if let ApplyMode::ReplacePolicyElements(name) = mode {
         if !state.policies.contains_key(name) {
             return Err(DocError::Unknown(format!(
@@ -191,7 +210,58 @@ pub fn apply_document(
             )));
         }
     }
-    Ok(notes)
+    Ok(())
+}
+
+/// A document given as JSON text that could not be applied.
+#[derive(Debug)]
+pub enum TextError {
+    /// Not JSON.
+    Syntax(serde_json::Error),
+    /// JSON, but not a valid document (as from [`apply_document`]).
+    Doc(DocError),
+}
+
+/// [`apply_document`] from JSON text, without a tree of the whole document: the text is
+/// scanned into slices of itself, then each policy, address and farm is parsed and
+/// applied in turn, so that memory follows the largest object, not the document (a
+/// 100,000-farm document is 75 MB of text and over 1 GB as one tree). Same results and
+/// errors as parsing the text and calling [`apply_document`] (a document of another shape
+/// goes that way, for the same error).
+pub fn apply_document_text(
+    state: &mut State,
+    text: &[u8],
+    mode: &ApplyMode,
+    cfg: &ParseConfig,
+) -> Result<Vec<String>, TextError> {
+    use serde_json::value::RawValue;
+    let whole = |state: &mut State| {
+        let doc: Value = serde_json::from_slice(text).map_err(TextError::Syntax)?;
+        apply_document(state, &doc, mode, cfg).map_err(TextError::Doc)
+    };
+    let Ok(top) = serde_json::from_slice::<BTreeMap<String, &RawValue>>(text) else {
+        return whole(state);
+    };
+    if top.keys().any(|k| !LISTS.contains(&k.as_str())) {
+        return whole(state);
+    }
+    let mut lists: Vec<(&str, Vec<&RawValue>)> = Vec::new();
+    for kind in LISTS {
+        if let Some(raw) = top.get(kind) {
+            match serde_json::from_str::<Vec<&RawValue>>(raw.get()) {
+                Ok(items) => lists.push((kind, items)),
+                Err(_) => return whole(state),
+            }
+        }
+    }
+    for (kind, items) in lists {
+        for raw in items {
+            let item: Value = serde_json::from_str(raw.get()).map_err(TextError::Syntax)?;
+            apply_item(state, kind, &item, mode, cfg).map_err(TextError::Doc)?;
+        }
+    }
+    finish(state, mode).map_err(TextError::Doc)?;
+    Ok(Vec::new())
 }
 
 fn replace_farm_policies(state: &mut State, f: &Value, target: &str) -> DResult<()> {
@@ -1270,6 +1340,59 @@ mod tests {
     const CFG: ParseConfig = ParseConfig {
         masquerade_mark: 0x8000_0000,
     };
+
+    /// Applying JSON text object by object gives what applying its tree gives: the same
+    /// state, or the same error.
+    #[test]
+    fn text_documents_apply_like_trees() {
+        let docs = [
+            r#"{"farms":[{"name":"a","virtual-addr":"198.18.0.1","virtual-ports":"80","policies":[{"name":"bl"}],
+               "backends":[{"name":"b","ip-addr":"198.18.1.1"}]}],
+               "policies":[{"name":"bl","elements":[{"data":"198.18.9.0/24"}]}],
+               "addresses":[{"name":"x","family":"ipv4","ip-addr":"198.18.0.9","ports":"81","protocol":"tcp"}]}"#,
+            r#"{"farms":[{"name":"a","virtual-ports":"80"}],"farms":[{"name":"b","virtual-ports":"81"}]}"#,
+            r#"{"farms":[{"name":"a\u0062","virtual-ports":"80"}]}"#,
+            r#"{"farms":[]}"#,
+            r#"{}"#,
+            // Errors, in every place the text path could differ.
+            r#"[]"#,
+            r#"{"farms":{"name":"a"}}"#,
+            r#"{"farms":[{"name":"a"}],"other":[]}"#,
+            r#"{"farms":[{"name":"a","virtual-ports":"x"}]}"#,
+            r#"{"farms":[{"name":"a","policies":[{"name":"missing"}]}]}"#,
+            r#"{"farms":[1]}"#,
+            r#"{"farms":[{"name":"a"}]"#,
+            r#"{"farms":[{"name":"a"}]} x"#,
+            r#""#,
+        ];
+        for text in docs {
+            let mut a = State::default();
+            let by_tree = serde_json::from_str::<Value>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|v| {
+                    apply_document(&mut a, &v, &ApplyMode::Upsert, &CFG).map_err(|e| e.to_string())
+                });
+            let mut b = State::default();
+            let by_text = apply_document_text(&mut b, text.as_bytes(), &ApplyMode::Upsert, &CFG)
+                .map_err(|e| match e {
+                    TextError::Syntax(e) => e.to_string(),
+                    TextError::Doc(e) => e.to_string(),
+                });
+            assert_eq!(by_tree, by_text, "{text}");
+            assert_eq!(a, b, "{text}");
+        }
+        // A policy-elements request in the text path still checks its policy.
+        let r = apply_document_text(
+            &mut State::default(),
+            br#"{"policies":[]}"#,
+            &ApplyMode::ReplacePolicyElements("p".into()),
+            &CFG,
+        );
+        assert!(
+            matches!(r, Err(TextError::Doc(DocError::Unknown(_)))),
+            "{r:?}"
+        );
+    }
 
     fn post(state: &mut State, v: Value) -> DResult<Vec<String>> {
         apply_document(state, &v, &ApplyMode::Upsert, &CFG)

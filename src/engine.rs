@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use crate::document::{self, ApplyMode, DocError, ParseConfig, View};
+use crate::document::{self, ApplyMode, DocError, ParseConfig, TextError, View};
 use crate::kernel::netlink;
 use crate::kernel::{Capabilities, Kernel, KernelError};
 use crate::model::*;
@@ -359,18 +359,18 @@ impl Engine {
     /// Loads the saved state (unless `use_store` is false) and `config` on top, then
     /// brings the kernel to it in one transaction without deleting our tables, so that
     /// established connections and dynamic maps survive a restart.
-    pub fn start(&mut self, config: Option<&Value>, use_store: bool) -> Result<(), String> {
+    pub fn start(&mut self, config: Option<&[u8]>, use_store: bool) -> Result<(), String> {
         let started = Instant::now();
         let mut st = State::default();
         let mut slots = Slots::default();
         let pcfg = self.parse_cfg();
         if use_store {
             if let Some(store) = &self.store {
-                if let Some(saved) = store.load()? {
-                    let seq = saved.get("seq").and_then(Value::as_u64).unwrap_or(0);
-                    let (doc, saved_slots) = split_saved(saved);
-                    document::apply_document(&mut st, &doc, &ApplyMode::Upsert, &pcfg)
-                        .map_err(|e| format!("state file {}: {e}", store.path().display()))?;
+                if let Some(text) = store.load_text()? {
+                    let at = |e: String| format!("state file {}: {e}", store.path().display());
+                    let (doc, saved_slots, seq) = split_saved(&text).map_err(at)?;
+                    document::apply_document_text(&mut st, doc, &ApplyMode::Upsert, &pcfg)
+                        .map_err(|e| at(text_error(e)))?;
                     slots = saved_slots;
                     self.seq = seq;
                     self.snapshot_bytes = std::fs::metadata(store.path())
@@ -395,9 +395,9 @@ impl Engine {
             }
         }
         let t_load = started.elapsed();
-        if let Some(doc) = config {
-            document::apply_document(&mut st, doc, &ApplyMode::Upsert, &pcfg)
-                .map_err(|e| format!("configuration: {e}"))?;
+        if let Some(text) = config {
+            document::apply_document_text(&mut st, text, &ApplyMode::Upsert, &pcfg)
+                .map_err(|e| format!("configuration: {}", text_error(e)))?;
         }
         let t_doc = started.elapsed();
         st.validate().map_err(|e| format!("configuration: {e}"))?;
@@ -1422,10 +1422,6 @@ impl Engine {
         reply
     }
 
-    fn parse_body(body: &[u8]) -> Result<Value, Failure> {
-        serde_json::from_slice(body).map_err(|e| Failure::new(400, "the structure is invalid", e))
-    }
-
     fn apply_doc(
         &mut self,
         body: &[u8],
@@ -1433,16 +1429,15 @@ impl Engine {
         base: &str,
     ) -> Result<Vec<String>, Failure> {
         let t = Instant::now();
-        let doc = Self::parse_body(body)?;
-        let t_parse = t.elapsed();
         let mut next = self.state.clone();
-        let notes = document::apply_document(&mut next, &doc, &mode, &self.parse_cfg())
-            .map_err(|e| doc_failure(base, e))?;
-        drop(doc);
+        let notes = document::apply_document_text(&mut next, body, &mode, &self.parse_cfg())
+            .map_err(|e| match e {
+                TextError::Syntax(e) => Failure::new(400, "the structure is invalid", e),
+                TextError::Doc(e) => doc_failure(base, e),
+            })?;
         if t.elapsed().as_millis() >= 500 {
             tracing::info!(
-                parse_us = t_parse.as_micros() as u64,
-                document_us = (t.elapsed() - t_parse).as_micros() as u64,
+                parse_us = t.elapsed().as_micros() as u64,
                 bytes = body.len(),
                 "request parsed"
             );
@@ -2034,17 +2029,38 @@ fn replay(
     Ok(())
 }
 
-/// Reads the state file: the current form, or a plain document (then slots start afresh).
-fn split_saved(saved: Value) -> (Value, Slots) {
-    match saved {
-        Value::Object(mut m) if m.contains_key("state") => {
-            let slots = m
-                .remove("slots")
-                .and_then(|v| serde_json::from_value(v).ok())
-                .unwrap_or_default();
-            (m.remove("state").unwrap_or(Value::Null), slots)
+/// Reads the state file: the current form (the state document's text, the slots and the
+/// sequence number), or a plain document (then slots start afresh).
+fn split_saved(text: &[u8]) -> Result<(&[u8], Slots, u64), String> {
+    use serde_json::value::RawValue;
+    let not_json = |e: serde_json::Error| format!("not valid JSON: {e}");
+    let top = match serde_json::from_slice::<BTreeMap<String, &RawValue>>(text) {
+        Ok(top) => top,
+        // Not an object: a document, whose error the document path reports.
+        Err(_) => {
+            serde_json::from_slice::<serde::de::IgnoredAny>(text).map_err(not_json)?;
+            return Ok((text, Slots::default(), 0));
         }
-        other => (other, Slots::default()),
+    };
+    let Some(state) = top.get("state") else {
+        return Ok((text, Slots::default(), 0));
+    };
+    let slots = top
+        .get("slots")
+        .and_then(|v| serde_json::from_str(v.get()).ok())
+        .unwrap_or_default();
+    let seq = top
+        .get("seq")
+        .and_then(|v| serde_json::from_str::<u64>(v.get()).ok())
+        .unwrap_or(0);
+    Ok((state.get().as_bytes(), slots, seq))
+}
+
+/// The message of a document given as text that could not be applied.
+fn text_error(e: TextError) -> String {
+    match e {
+        TextError::Syntax(e) => format!("the structure is invalid: {e}"),
+        TextError::Doc(e) => e.to_string(),
     }
 }
 

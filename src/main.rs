@@ -30,13 +30,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn read_config(args: &Args) -> Result<Option<serde_json::Value>, String> {
+/// The configuration file's text, checked to be JSON (the engine applies it object by
+/// object).
+fn read_config(args: &Args) -> Result<Option<Vec<u8>>, String> {
     let Some(path) = &args.config else {
         return Ok(None);
     };
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes)
-        .map(Some)
+    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        .map(|_| Some(bytes))
         .map_err(|e| format!("{}: the structure is invalid: {e}", path.display()))
 }
 
@@ -56,7 +58,7 @@ fn run(args: Args) -> Result<(), String> {
         }
         let k = kernel::open(&args.nft_backend).map_err(|e| e.to_string())?;
         let mut engine = Engine::new(k, None, cfg);
-        engine.start(config.as_ref(), false)?;
+        engine.start(config.as_deref(), false)?;
         return Ok(());
     }
 
@@ -85,7 +87,7 @@ fn run(args: Args) -> Result<(), String> {
     let k = kernel::open(&args.nft_backend).map_err(|e| e.to_string())?;
     tracing::info!(backend = k.name(), "nftables backend ready");
     let mut engine = Engine::new(k, Some(Store::new(&args.state_file)), cfg);
-    engine.start(config.as_ref(), true)?;
+    engine.start(config.as_deref(), true)?;
 
     let (tx, mut rx) = mpsc::channel::<Job>(1024);
     let writer = std::thread::Builder::new()

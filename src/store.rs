@@ -26,10 +26,19 @@ impl Store {
 
     /// Reads the saved document, or `None` when there is none yet.
     pub fn load(&self) -> Result<Option<Value>, String> {
+        self.load_text()?
+            .map(|bytes| {
+                serde_json::from_slice(&bytes).map_err(|e| {
+                    format!("state file {} is not valid JSON: {e}", self.path.display())
+                })
+            })
+            .transpose()
+    }
+
+    /// The saved document's text, or `None` when there is none yet.
+    pub fn load_text(&self) -> Result<Option<Vec<u8>>, String> {
         match fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| format!("state file {} is not valid JSON: {e}", self.path.display())),
+            Ok(bytes) => Ok(Some(bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(format!(
                 "cannot read state file {}: {e}",

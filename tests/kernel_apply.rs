@@ -512,7 +512,7 @@ fn restart_resyncs_in_place_and_removes_leftovers() {
     // kernel equals a fresh start with x alone.
     let mut st = e.state().clone();
     st.farms.shift_remove("y");
-    let doc = nftlb::document::state_document(&st);
+    let doc = nftlb::document::state_document(&st).to_string();
     let mut e2 = Engine::new(
         Box::new(NsKernel::new(&a.0)),
         None,
@@ -520,7 +520,7 @@ fn restart_resyncs_in_place_and_removes_leftovers() {
             masquerade_mark: 0x8000_0000,
         },
     );
-    e2.start(Some(&doc), false).unwrap();
+    e2.start(Some(doc.as_bytes()), false).unwrap();
     let after = a.listing();
     assert_ne!(before, after);
     assert!(!after.contains("farm-y"), "{after}");
@@ -533,7 +533,7 @@ fn restart_resyncs_in_place_and_removes_leftovers() {
             masquerade_mark: 0x8000_0000,
         },
     );
-    fresh.start(Some(&doc), false).unwrap();
+    fresh.start(Some(doc.as_bytes()), false).unwrap();
     assert_eq!(after, b.listing());
     assert!(a
         .nft("", &["list", "table", "ip", "other"])
