@@ -2,21 +2,29 @@
 //! the [`Ruleset`] that implements it.
 //!
 //! Layout, per family (`table ip nftlb`, `table ip6 nftlb`):
-//! - `prerouting` (nat, dstnat) looks each new flow up in verdict maps: `svcx`
-//!   (`l4proto . vip . port`, exact match) and `svc` (the same with port ranges, interval),
-//!   then `svcpx`/`svcp` for port-only services. A port range is one interval element,
-//!   never expanded; a list of ports is one exact element per listed port. The lookup
-//!   cost does not depend on the number of farms.
-//! - The service element jumps to the farm's chain `farm-NAME`, which holds its
-//!   scheduler and nothing else: `ct mark set numgen inc mod W offset O; goto pick`.
-//!   Every farm owns a block `[O, O + size)` of the conntrack-mark space (its [`Slot`]);
-//!   the value written is the flow's bucket, with the masquerade bit (`-m`) added for
-//!   farms that masquerade, as nftlb's backend marks are.
-//! - One shared chain, `pick`, turns the bucket into the backend: `dnat to ct mark map
+//! - `prerouting` (nat, dstnat) looks each new flow up by `l4proto . vip . port` in `svcx`
+//!   (exact match) and `svc` (port ranges, interval), then `svcpx`/`svcp` for port-only
+//!   services. A port range is one interval element, never expanded; a list of ports is
+//!   one exact element per listed port. The lookup cost does not depend on the number of
+//!   farms.
+//! - Plain farms (`weight`, `hash`, `symhash` without persistence or per-backend
+//!   connection limits; most farms) have no verdict element and no chain of their own:
+//!   after each service map, one rule looks the service up in a mark map (`offx`, `offi`,
+//!   `offpx`, `offp`) whose value is the farm's block offset plus its [`Kind`] in the low
+//!   bits, and dispatches the kind through `kinds` to the shared chain `lb-k<n>-<sig>`,
+//!   which finds the backend identity in `fbuckets` (`block . bucket`). Adding a verdict
+//!   element that jumps makes the kernel validate every such element of the table, and
+//!   the kernel walks every chain on each commit; neither grows with plain farms.
+//! - Other farms' service elements jump to the farm's chain `farm-NAME`: persistence
+//!   lookups, the scheduler (`ct mark set numgen inc mod W offset O; jump sched`), per
+//!   backend connection limits. Every farm owns a block `[O, O + size)` of the
+//!   conntrack-mark space (its [`Slot`]); backend identities are marks in it, with the
+//!   masquerade bit (`-m`) added for farms that masquerade, as nftlb's backend marks are.
+//! - One shared chain, `pick`, turns the identity into the backend: `dnat to ct mark map
 //!   @bk` (address and port) or `@bki` (address only). These exact-match maps hold every
-//!   farm's buckets and are referenced by one rule each; a backend change rewrites only
-//!   that farm's one-line chain and adds or deletes its bucket elements, each O(1).
-//! - `postrouting` (nat, srcnat) applies per-bucket source addresses (`snat to ct mark
+//!   farm's backends and are referenced by one rule each; a backend change adds or
+//!   deletes elements only, each O(1).
+//! - `postrouting` (nat, srcnat) applies per-backend source addresses (`snat to ct mark
 //!   map @srcaddr`: the backend's `source-addr`, else the farm's), then masquerades flows
 //!   whose conntrack mark carries the masquerade bit.
 //! - No map is referenced by a per-farm rule (the kernel re-validates a map's elements
