@@ -979,17 +979,21 @@ impl Engine {
                 let (next, slots) = (&next, &slots);
                 let writer = early.map(|(store, old, frags)| {
                     sc.spawn(move || {
-                        let (text, new_frags) = saved_text(&old, &frags, next, slots, seq);
-                        let written = store.prepare(text.as_bytes());
-                        (text.len(), new_frags, frags, written)
+                        let written =
+                            store.prepare_with(|w| write_saved(w, &old, &frags, next, slots, seq));
+                        let (len, new_frags) = match written {
+                            Ok((len, f)) => (len, Ok(f)),
+                            Err(e) => (0, Err(e)),
+                        };
+                        (len, frags, new_frags)
                     })
                 });
                 let applied = self.apply_tx(&tx, &[&new_part, &old_part], false);
                 (applied, writer.map(|w| w.join().expect("snapshot writer")))
             });
-            if let Some((len, new_frags, frags, written)) = pre {
+            if let Some((len, frags, written)) = pre {
                 self.fragments = frags;
-                prepared = Some((len, new_frags, written));
+                prepared = Some((len, written));
             }
             if let Err(e) = applied {
                 // Our tables may have been changed behind our back (for example deleted by
@@ -1028,22 +1032,22 @@ impl Engine {
                 .filter(|e| self.journal_bytes + e.len() <= self.snapshot_bytes.max(1 << 20));
             let saved = match (&entry, prepared) {
                 (Some(e), _) => store.append(e.as_bytes()).map(|_| e.len()),
-                (None, Some((len, fragments, written))) => {
+                (None, Some((len, written))) => written.and_then(|fragments| {
+                    store.install()?;
                     new_fragments = Some(fragments);
-                    written.and_then(|_| store.install()).map(|_| {
+                    self.snapshot_bytes = len;
+                    Ok(0)
+                }),
+                (None, None) => store
+                    .prepare_with(|w| {
+                        write_saved(w, &self.state, &self.fragments, &next, &slots, seq)
+                    })
+                    .and_then(|(len, fragments)| {
+                        store.install()?;
+                        new_fragments = Some(fragments);
                         self.snapshot_bytes = len;
-                        0
-                    })
-                }
-                (None, None) => {
-                    let (text, fragments) =
-                        saved_text(&self.state, &self.fragments, &next, &slots, seq);
-                    new_fragments = Some(fragments);
-                    store.save_bytes(text.as_bytes()).map(|_| {
-                        self.snapshot_bytes = text.len();
-                        0
-                    })
-                }
+                        Ok(0)
+                    }),
             };
             match &saved {
                 Ok(n) if entry.is_some() => {
@@ -1810,6 +1814,7 @@ fn saved_form(state: &State, slots: &Slots) -> Value {
 
 /// The state file's text for `next`, reusing the serialised form of every object that
 /// is unchanged since `old`. Same content as [`saved_form`].
+#[cfg(test)]
 fn saved_text(
     old: &State,
     frags: &Fragments,
@@ -1817,33 +1822,56 @@ fn saved_text(
     slots: &Slots,
     seq: u64,
 ) -> (String, Fragments) {
-    fn section<T: PartialEq>(
-        out: &mut String,
+    let mut out = Vec::new();
+    let (_, f) = write_saved(&mut out, old, frags, next, slots, seq).expect("in memory");
+    (String::from_utf8(out).expect("JSON is UTF-8"), f)
+}
+
+/// Writes the state file's text for `next` to `out` (the file itself: the text of 100,000
+/// farms is 100 MB, not worth a copy in memory), reusing the serialised form of every
+/// object that is unchanged since `old`. Same content as [`saved_form`]. Returns the
+/// bytes written and the serialised objects (for the next snapshot).
+fn write_saved(
+    out: &mut impl std::io::Write,
+    old: &State,
+    frags: &Fragments,
+    next: &State,
+    slots: &Slots,
+    seq: u64,
+) -> std::io::Result<(usize, Fragments)> {
+    struct Counted<'a, W>(&'a mut W, usize);
+    impl<W: std::io::Write> Counted<'_, W> {
+        fn put(&mut self, s: &str) -> std::io::Result<()> {
+            self.1 += s.len();
+            self.0.write_all(s.as_bytes())
+        }
+    }
+    fn section<T: PartialEq, W: std::io::Write>(
+        out: &mut Counted<'_, W>,
         key: &str,
         old: &Table<T>,
         next: &Table<T>,
         prev: &HashMap<String, Arc<str>>,
         fresh: &mut HashMap<String, Arc<str>>,
         json: impl Fn(&T) -> Value,
-    ) {
-        out.push('"');
-        out.push_str(key);
-        out.push_str("\":[");
+    ) -> std::io::Result<()> {
+        out.put(&format!("\"{key}\":["))?;
         for (i, (name, obj)) in next.iter().enumerate() {
             let text = match (old.get(name), prev.get(name)) {
                 (Some(o), Some(t)) if Arc::ptr_eq(o, obj) || o == obj => t.clone(),
                 _ => Arc::from(json(obj).to_string()),
             };
             if i > 0 {
-                out.push(',');
+                out.put(",")?;
             }
-            out.push_str(&text);
+            out.put(&text)?;
             fresh.insert(name.clone(), text);
         }
-        out.push(']');
+        out.put("]")
     }
     let mut f = Fragments::default();
-    let mut out = String::from("{\"state\":{");
+    let mut out = Counted(out, 0);
+    out.put("{\"state\":{")?;
     section(
         &mut out,
         "policies",
@@ -1852,8 +1880,8 @@ fn saved_text(
         &frags.policies,
         &mut f.policies,
         |p| document::policy_json(next, p, View::Store),
-    );
-    out.push(',');
+    )?;
+    out.put(",")?;
     section(
         &mut out,
         "addresses",
@@ -1862,8 +1890,8 @@ fn saved_text(
         &frags.addresses,
         &mut f.addresses,
         |a| document::address_top_json(next, a, View::Store),
-    );
-    out.push(',');
+    )?;
+    out.put(",")?;
     section(
         &mut out,
         "farms",
@@ -1872,11 +1900,27 @@ fn saved_text(
         &frags.farms,
         &mut f.farms,
         |x| document::farm_json(next, x, View::Store),
-    );
-    out.push_str("},\"slots\":");
-    out.push_str(&serde_json::to_string(slots).expect("slots serialise"));
-    out.push_str(&format!(",\"seq\":{seq}}}\n"));
-    (out, f)
+    )?;
+    out.put("},\"slots\":")?;
+    let mut counted = CountWrite(&mut *out.0, 0);
+    serde_json::to_writer(&mut counted, slots).map_err(std::io::Error::other)?;
+    out.1 += counted.1;
+    out.put(&format!(",\"seq\":{seq}}}\n"))?;
+    Ok((out.1, f))
+}
+
+/// A writer that counts the bytes it passes on.
+struct CountWrite<W>(W, usize);
+
+impl<W: std::io::Write> std::io::Write for CountWrite<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.1 += n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 /// A journal entry for the change from `old` to `next`: the objects that changed (whole)

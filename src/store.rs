@@ -126,14 +126,23 @@ impl Store {
     /// [`Store::install`] does that, [`Store::discard`] drops it. Lets the snapshot be
     /// written while the kernel applies the change it records.
     pub fn prepare(&self, text: &[u8]) -> Result<(), String> {
+        self.prepare_with(|w| w.write_all(text))
+    }
+
+    /// [`Store::prepare`] with the text written by `write` (straight to the file).
+    pub fn prepare_with<R>(
+        &self,
+        write: impl FnOnce(&mut std::io::BufWriter<File>) -> std::io::Result<R>,
+    ) -> Result<R, String> {
         fs::create_dir_all(self.dir())
             .map_err(|e| format!("cannot create {}: {e}", self.dir().display()))?;
-        let write = || -> std::io::Result<()> {
-            let mut f = File::create(self.tmp_path())?;
-            f.write_all(text)?;
-            f.sync_all()
+        let run = || -> std::io::Result<R> {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, File::create(self.tmp_path())?);
+            let r = write(&mut w)?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            Ok(r)
         };
-        write().map_err(|e| {
+        run().map_err(|e| {
             self.discard();
             format!("cannot write state file {}: {e}", self.path.display())
         })
