@@ -296,7 +296,11 @@ fn incremental_changes_equal_a_fresh_start() {
             {"name":"h-pptp","virtual-addr":"198.18.0.44","virtual-ports":"1723","helper":"pptp"}]}"#.into()),
         ("POST", "/farms", r#"{"farms":[{"name":"sec","limits-ttl":"60","verdict":"log","log-rtlimit":"0",
             "persist-ttl":"30","backends":[{"name":"a","state":"down"}]}]}"#.into()),
-        ("PATCH", "/policies/bl/elements", r#"{"policies":[{"name":"bl","elements":[{"data":"198.18.7.0/24"}]}]}"#.into()),
+        // Elements of prefix lengths in use: the sets' elements only (no rendering).
+        ("POST", "/policies", r#"{"policies":[{"name":"bl","elements":[{"data":"198.18.6.0/24"},{"data":"198.18.5.5"}]},
+            {"name":"bl6","elements":[{"data":"2001:2:8::/48","time":"x"}]}]}"#.into()),
+        ("DELETE", "/policies/bl/elements/198.18.8.8", String::new()),
+        ("PATCH", "/policies/bl/elements", r#"{"policies":[{"name":"bl","elements":[{"data":"198.18.5.5"},{"data":"198.18.7.0/24"}]}]}"#.into()),
         // A new prefix length: a new set, and new rules in the farms it is attached to.
         ("PATCH", "/policies/bl/elements", r#"{"policies":[{"name":"bl","elements":[{"data":"198.19.0.0/16"}]}]}"#.into()),
         // A farm takes the standalone address that carries policies, then leaves it.
@@ -308,8 +312,16 @@ fn incremental_changes_equal_a_fresh_start() {
         ("DELETE", "/farms/sec", String::new()),
     ];
     for (i, (m, p, body)) in steps.iter().enumerate() {
+        let fast = e.policy_element_commits();
         assert_eq!(send(&mut e, m, p, body), 200, "step {i}");
         assert_eq!(e.fallbacks(), 0, "step {i} needed a full resync");
+        if p.starts_with("/policies") && body.contains("198.18.5.5") || p.ends_with("8.8") {
+            assert_eq!(
+                e.policy_element_commits(),
+                fast + 1,
+                "step {i}: elements only"
+            );
+        }
         // A fresh namespace started from the same state must hold the same ruleset.
         assert_eq!(
             a.listing(),

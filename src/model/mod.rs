@@ -254,7 +254,7 @@ pub struct Element {
 }
 
 /// A set of source addresses with a type.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Eq, Default)]
 pub struct Policy {
     /// Identity (also the nft set name).
     pub name: String,
@@ -270,6 +270,21 @@ pub struct Policy {
     pub log_prefix: Option<String>,
     /// Elements keyed by canonical data, in insertion order.
     pub elements: IndexMap<String, Element>,
+}
+
+/// Equal with the elements in the same order (compared in order: no hashing of a million
+/// keys to tell that two versions of a policy differ).
+impl PartialEq for Policy {
+    fn eq(&self, o: &Self) -> bool {
+        self.name == o.name
+            && self.ptype == o.ptype
+            && self.family == o.family
+            && self.timeout == o.timeout
+            && self.route == o.route
+            && self.log_prefix == o.log_prefix
+            && self.elements.len() == o.elements.len()
+            && self.elements.iter().eq(o.elements.iter())
+    }
 }
 
 impl Policy {

@@ -62,6 +62,15 @@ pub fn element_prefix(data: &str) -> (u8, String) {
     }
 }
 
+/// The prefix length of a canonical element (`addr[/len]`), without copying it.
+pub fn prefix_len(data: &str) -> u8 {
+    match data.split_once('/') {
+        Some((_, l)) => l.parse().unwrap_or(0),
+        None if data.contains(':') => 128,
+        None => 32,
+    }
+}
+
 /// The prefix lengths a policy's elements use, longest first, and the set of each.
 pub fn policy_sets(p: &Policy) -> Vec<(u8, String)> {
     let mut lens: Vec<u8> = p.elements.keys().map(|d| element_prefix(d).0).collect();
@@ -195,17 +204,30 @@ pub fn policies(state: &State, fam: TableFamily, t: &mut Table) {
 
 /// Declares one policy's prefix-length sets in `t` (of the policy's family).
 fn declare_policy(p: &Policy, t: &mut Table) {
-    let at = match p.family {
-        Family::Ipv6 => "ipv6_addr",
-        _ => "ipv4_addr",
-    };
     for d in p.elements.keys() {
         let (len, net) = element_prefix(d);
         t.maps
             .entry(policy_set(&p.name, len))
-            .or_insert_with(|| set(format!("type {at}; counter;")))
+            .or_insert_with(|| policy_set_def(p))
             .elements
             .insert(net, String::new());
+    }
+}
+
+/// A prefix-length set of a policy, empty.
+pub fn policy_set_def(p: &Policy) -> MapDef {
+    let at = match p.family {
+        Family::Ipv6 => "ipv6_addr",
+        _ => "ipv4_addr",
+    };
+    set(format!("type {at}; counter;"))
+}
+
+/// The table family of a policy's sets.
+pub fn policy_family(p: &Policy) -> TableFamily {
+    match p.family {
+        Family::Ipv6 => TableFamily::Ip6,
+        _ => TableFamily::Ip,
     }
 }
 
