@@ -373,6 +373,17 @@ blacklist_test() { # blacklist_test VIP PORT
   local prev
   prev=$(vip_of $((N - 1)) | tr ' ' ':')
   probe bl "$va" "$vp" 2 "$prev"
+  # One element more, then one less (192.0.2.0/24 is not in the generated list).
+  local k
+  for k in 1 2 3 4 5; do
+    # shellcheck disable=SC2046
+    m ip netns exec "$LB" "$BENCH" $(rec --meta test=bl_add --meta "variant=$k") post --key "$KEY" \
+      --path /policies --body "{\"policies\":[{\"name\":\"bl\",\"elements\":[{\"data\":\"192.0.2.$k\"}]}]}" \
+      --timeout-s 300
+    # shellcheck disable=SC2046
+    m ip netns exec "$LB" "$BENCH" $(rec --meta test=bl_del --meta "variant=$k") post --key "$KEY" \
+      --method DELETE --path "/policies/bl/elements/192.0.2.$k" --timeout-s 300
+  done
 }
 
 rules_case() { # rules_case kube-nft|ipt-legacy|ipt-nft N

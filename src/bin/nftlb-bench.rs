@@ -1765,6 +1765,19 @@ fn report(dir: &Path) -> Res<()> {
             if let Some(a) = t.get("bl_attach") {
                 b["attach_s"] = a.get("wall_s").cloned().unwrap_or(Value::Null);
             }
+            // One element added, then deleted, several times: the median and the worst.
+            for (test, key) in [("bl_add", "add"), ("bl_del", "del")] {
+                let mut times: Vec<f64> = t
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(test))
+                    .filter_map(|(_, r)| num(r, "wall_s"))
+                    .collect();
+                times.sort_by(f64::total_cmp);
+                if !times.is_empty() {
+                    b[format!("{key}_median_s")] = Value::from(times[times.len() / 2]);
+                    b[format!("{key}_max_s")] = Value::from(times[times.len() - 1]);
+                }
+            }
             t.insert("blacklist".into(), b);
         }
     }
@@ -1921,6 +1934,16 @@ start-to-exit (`nft -f`, `iptables-restore --noflush`).\n\n";
                 f(num(r, "base_fb_p50_us"), 0),
                 f(num(r, "fb_p50_us"), 0),
             );
+            if num(r, "add_median_s").is_some() {
+                extra += &format!(
+                    "| {} | {n} × {m} | one element added to that blacklist / deleted from it (request to committed, median and worst of 5): {} / {} s, {} / {} s |\n",
+                    label(sys),
+                    f(num(r, "add_median_s"), 3),
+                    f(num(r, "add_max_s"), 3),
+                    f(num(r, "del_median_s"), 3),
+                    f(num(r, "del_max_s"), 3),
+                );
+            }
         }
     }
     if !extra.is_empty() {
