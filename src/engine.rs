@@ -442,7 +442,8 @@ impl Engine {
             && !will_save
             && self.seq > 0
             && !netinfo::needed(&st)
-            && self.kernel_generation() == Some(self.seq as u32);
+            && self.kernel_generation() == Some(self.seq as u32)
+            && self.kernel_mark("layout") == Some(crate::render::LAYOUT);
         if current {
             tracing::info!(seq = self.seq, "kernel rules already match the saved state");
         } else {
@@ -552,9 +553,14 @@ impl Engine {
 
     /// The generation recorded in the kernel's rules, if any.
     fn kernel_generation(&mut self) -> Option<u32> {
+        self.kernel_mark("gen")
+    }
+
+    /// The one element of our set `name` in the kernel, if any.
+    fn kernel_mark(&mut self, name: &str) -> Option<u32> {
         let v = self
             .kernel
-            .list_json(&format!("list set ip {TABLE} gen"))
+            .list_json(&format!("list set ip {TABLE} {name}"))
             .ok()?;
         v.get("nftables")?
             .as_array()?

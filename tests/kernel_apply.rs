@@ -673,6 +673,14 @@ fn restart_on_unchanged_rules_rewrites_nothing() {
     assert_eq!(e.state(), &state);
     assert_eq!(a.listing(), listing);
     drop(e);
+    // Rules laid out by another version (same generation, no layout version): a restart
+    // rewrites them.
+    a.nft("flush set ip nftlb layout\n", &["-f", "-"]).unwrap();
+    let n = std::sync::Arc::new(AtomicUsize::new(0));
+    let e = start(&n);
+    assert!(n.load(Ordering::SeqCst) >= 1, "the layout was rewritten");
+    assert_eq!(a.listing(), listing);
+    drop(e);
     // Rules changed behind our back (the generation is gone): a restart repairs them.
     a.nft("delete table ip nftlb\n", &["-f", "-"]).unwrap();
     let n = std::sync::Arc::new(AtomicUsize::new(0));

@@ -92,6 +92,11 @@ pub struct Kind {
     pub sig: String,
 }
 
+/// The version of the rules' layout, held in the `layout` set: a restart whose saved
+/// state matches the kernel's generation still rewrites the rules when they were laid out
+/// by another version (the plain farms' kinds came with version 2; version 1 had no set).
+pub const LAYOUT: u32 = 2;
+
 /// Kind numbers fit in the low bits of a block offset.
 pub const KIND_MASK: u32 = 0xf;
 
@@ -518,6 +523,8 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         // One element: the sequence number of the saved state the rules implement
         // (filled in by the engine), so that a restart can tell it has nothing to do.
         ("gen", "type mark;".to_string()),
+        // One element: the version of this layout (see `LAYOUT`).
+        ("layout", "type mark;".to_string()),
         ("lsrc", format!("type mark : {at};")),
         // Exact marks, not intervals: nft 1.0.6 cannot add to a one-field interval map
         // created in the same transaction (it lists the kernel's elements first).
@@ -568,8 +575,11 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         ("srcaddr", format!("type mark : {at};")),
     ] {
         let mut m = map(spec);
-        if name == "gen" {
+        if name == "gen" || name == "layout" {
             m.kind = "set";
+        }
+        if name == "layout" {
+            m.elements.insert(mark(LAYOUT), String::new());
         }
         t.maps.insert(name.into(), m);
     }
