@@ -3108,14 +3108,18 @@ mod snapshot_tests {
         let dir = std::env::temp_dir().join(format!("nftlb-snap-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("state.json");
-        let mut e = Engine::new(
-            Box::new(FakeKernel::default()),
-            Some(Store::new(&path)),
-            EngineConfig {
-                masquerade_mark: 0x8000_0000,
-            },
-        );
-        e.start(None, true).unwrap();
+        let started = || {
+            let mut e = Engine::new(
+                Box::new(FakeKernel::default()),
+                Some(Store::new(&path)),
+                EngineConfig {
+                    masquerade_mark: 0x8000_0000,
+                },
+            );
+            e.start(None, true).unwrap();
+            e
+        };
+        let mut e = started();
         let farms = |from: usize, n: usize| {
             let f: Vec<String> = (from..from + n)
                 .map(|i| {
@@ -3151,14 +3155,7 @@ mod snapshot_tests {
         assert!(!path.with_extension("json.tmp").exists());
         assert!(Store::new(&path).load_journal().unwrap().is_empty());
         assert_ne!(std::fs::read(&path).unwrap(), saved);
-        let mut fresh = Engine::new(
-            Box::new(FakeKernel::default()),
-            Some(Store::new(&path)),
-            EngineConfig {
-                masquerade_mark: 0x8000_0000,
-            },
-        );
-        fresh.start(None, true).unwrap();
+        let fresh = started();
         assert_eq!(fresh.state(), e.state());
         assert_eq!(fresh.state().farms.len(), 1052);
         assert_eq!(fresh.slots, e.slots);
