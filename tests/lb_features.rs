@@ -191,6 +191,18 @@ fn intra_connect_balances_connections_from_the_load_balancer_itself() {
 
     d.apply(&farms_doc(json!({"name":"web","intra-connect":"off"})));
     assert_eq!(local(2), vec!["lbsrv"; 2], "intra-connect off again");
+
+    // A weight farm has no chain of its own: its local connections go through the output
+    // hook's dispatch chain (block offset and kind) to the shared weight chain.
+    d.apply(&farms_doc(
+        json!({"name":"web","scheduler":"weight","intra-connect":"on"}),
+    ));
+    let got = local(20);
+    let c = counts(&got);
+    assert_eq!(c.len(), 2, "both backends, no local service: {got:?}");
+    assert!(!c.contains_key("lbsrv"), "{got:?}");
+    let out = lab.lb.nft(&["list", "map", "ip", "nftlb", "osvcx"]);
+    assert!(out.contains("goto lb-x"), "{out}");
 }
 
 #[test]
