@@ -3,7 +3,7 @@
 //! `nftlb-lab serve --name be1 --port 80 [--udp] [--keep-open]`
 //!   TCP: on each connection write `"<name> <client-ip>\n"` and close
 //!   (`--keep-open`: keep the connection and answer every received line with it).
-//!   UDP: answer every datagram with that line. Listens on [::] (dual-stack).
+//!   UDP: answer every datagram with that line. Listens on `[::]` (dual-stack).
 //!
 //! `nftlb-lab probe --addr 198.18.0.100 --port 80 --count 10 [--interval-ms 200] [--udp]`
 //!   makes COUNT requests and prints one line each, then a per-backend summary.
@@ -96,7 +96,7 @@ fn line(name: &str, peer: &SocketAddr) -> String {
     format!("{name} {}\n", peer.ip().to_canonical())
 }
 
-/// [::]:port with IPV6_V6ONLY off (the Linux default), so IPv4 clients are accepted too.
+/// `[::]:port` with IPV6_V6ONLY off (the Linux default), so IPv4 clients are accepted too.
 fn any(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)
 }
