@@ -1332,10 +1332,50 @@ pub fn to_pretty(v: &Value) -> String {
     String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
+/// `{"<key>": [items]}` serialised as [`to_pretty`] would, building one item at a time:
+/// a listing of 100,000 farms never exists as one tree of values (that tree took 3 GB).
+pub fn list_pretty(key: &str, items: impl Iterator<Item = Value>) -> String {
+    use serde::ser::{SerializeMap, Serializer};
+    use serde::Serialize;
+    use std::cell::RefCell;
+    struct Items<I>(RefCell<Option<I>>);
+    impl<I: Iterator<Item = Value>> Serialize for Items<I> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let items = self.0.borrow_mut().take().into_iter().flatten();
+            s.collect_seq(items)
+        }
+    }
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"        ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    let write = |ser: &mut serde_json::Serializer<&mut Vec<u8>, _>| -> serde_json::Result<()> {
+        let mut m = ser.serialize_map(Some(1))?;
+        m.serialize_entry(key, &Items(RefCell::new(Some(items))))?;
+        m.end()
+    };
+    write(&mut ser).expect("serialising values cannot fail");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn lists_serialise_like_their_tree() {
+        for n in [0, 1, 3] {
+            let items: Vec<Value> = (0..n)
+                .map(|i| json!({"name": format!("f{i}"), "backends": [{"name": "a"}], "x": {}}))
+                .collect();
+            let mut m = Map::new();
+            m.insert("farms".into(), Value::Array(items.clone()));
+            assert_eq!(
+                list_pretty("farms", items.into_iter()),
+                to_pretty(&Value::Object(m))
+            );
+        }
+    }
 
     const CFG: ParseConfig = ParseConfig {
         masquerade_mark: 0x8000_0000,

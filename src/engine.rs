@@ -68,6 +68,14 @@ impl Reply {
             body: document::to_pretty(&v),
         }
     }
+
+    /// `{"<key>": [items]}`, built one item at a time.
+    fn listing(key: &str, items: impl Iterator<Item = Value>) -> Self {
+        Reply {
+            status: 200,
+            body: document::list_pretty(key, items),
+        }
+    }
 }
 
 /// Why a change was refused, with the HTTP status it maps to.
@@ -1754,20 +1762,14 @@ impl Engine {
         let unknown = |what: &str, name: &str| {
             Failure::new(404, "invalid request", format!("Unknown {what} '{name}'")).reply()
         };
-        let list = |key: &str, items: Vec<Value>| {
-            let mut m = Map::new();
-            m.insert(key.into(), Value::Array(items));
-            Reply::document(Value::Object(m))
-        };
+        let list = |key: &str, items: Vec<Value>| Reply::listing(key, items.into_iter());
         match segs {
-            ["farms"] => {
-                let items = st
-                    .farms
+            ["farms"] => Reply::listing(
+                "farms",
+                st.farms
                     .values()
-                    .map(|f| self.farm_with_counters(st, f, used))
-                    .collect();
-                list("farms", items)
-            }
+                    .map(|f| self.farm_with_counters(st, f, used)),
+            ),
             ["farms", name] => match st.farms.get(name) {
                 Some(f) => {
                     let v = self.farm_with_counters(st, f, used);
@@ -1799,14 +1801,12 @@ impl Engine {
                 }
                 None => unknown("farm", name),
             },
-            ["policies"] => {
-                let items = st
-                    .policies
+            ["policies"] => Reply::listing(
+                "policies",
+                st.policies
                     .values()
-                    .map(|p| self.policy_with_counters(st, p))
-                    .collect();
-                list("policies", items)
-            }
+                    .map(|p| self.policy_with_counters(st, p)),
+            ),
             ["policies", name] => match st.policies.get(name) {
                 Some(p) => {
                     let v = self.policy_with_counters(st, p);
@@ -1814,12 +1814,11 @@ impl Engine {
                 }
                 None => unknown("policy", name),
             },
-            ["addresses"] => list(
+            ["addresses"] => Reply::listing(
                 "addresses",
                 st.addresses
                     .values()
-                    .map(|a| document::address_top_json_used(st, a, View::Client, used))
-                    .collect(),
+                    .map(|a| document::address_top_json_used(st, a, View::Client, used)),
             ),
             ["addresses", name] => match st.addresses.get(name) {
                 Some(a) => list(
