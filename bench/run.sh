@@ -317,6 +317,12 @@ daemon_case() { # daemon_case ours|orig N M
   probe "" "$va" "$vp" 2 198.19.0.1:8080
   bulk "$va" "$vp"
   "$BENCH" $(rec --meta test=rss) record "vmhwm_kb=$(awk '/VmHWM/{print $2}' /proc/$dpid/status)" > /dev/null
+  # Listing every farm (after the RSS record above, which is the load's and the changes'
+  # peak; this one is the listing's).
+  # shellcheck disable=SC2046
+  m ip netns exec "$LB" "$BENCH" $(rec --meta test=get_farms) post --key "$KEY" --method GET \
+    --path /farms --timeout-s 600
+  "$BENCH" $(rec --meta test=rss_get) record "vmhwm_kb=$(awk '/VmHWM/{print $2}' /proc/$dpid/status)" > /dev/null
 
   if [ "$which" = ours ] && [ "$MM" = 8 ] && [[ " $RESTART_AT " == *" $N "* ]]; then
     restart_test "$dpid" "$va" "$vp" "$state" "$tag"

@@ -1081,7 +1081,7 @@ fn post(
     Ok(match r {
         Ok(r) => json!({
             "test": "post", "wall_s": wall, "status": r.status, "bytes": data.len(),
-            "ok": r.status == 200,
+            "response_bytes": r.body.len(), "ok": r.status == 200,
             "response": r.body.chars().take(300).collect::<String>(),
         }),
         Err(e) => json!({"test": "post", "wall_s": wall, "ok": false, "error": e}),
@@ -1916,6 +1916,15 @@ start-to-exit (`nft -f`, `iptables-restore --noflush`).\n\n";
                 s(r, "count"),
                 f(num(r, "connect_p99_us"), 0),
                 f(num(r, "connect_max_us"), 0)
+            );
+        }
+        if let Some(r) = t.get("get_farms") {
+            extra += &format!(
+                "| {} | {n} × {m} | GET /farms: {} MB in {} s; the daemon's peak RSS after it {} MiB |\n",
+                label(sys),
+                f(num(r, "response_bytes").map(|b| b / 1e6), 1),
+                f(num(r, "wall_s"), 2),
+                f(t.get("rss_get").and_then(|x| num(x, "vmhwm_kb")).map(|k| k / 1024.0), 0),
             );
         }
         if let Some(r) = t.get("blacklist") {
