@@ -450,7 +450,7 @@ impl Engine {
             && !will_save
             && self.seq > 0
             && !netinfo::needed(&st)
-            && self.kernel_generation() == Some(self.seq as u32)
+            && self.kernel_mark("gen") == Some(self.seq as u32)
             && self.kernel_mark("layout") == Some(crate::render::LAYOUT);
         if current {
             tracing::info!(seq = self.seq, "kernel rules already match the saved state");
@@ -557,11 +557,6 @@ impl Engine {
         let mut rs = self.render_full(&self.state, &self.slots, &self.net).0;
         stamp(&mut rs, self.seq);
         rs
-    }
-
-    /// The generation recorded in the kernel's rules, if any.
-    fn kernel_generation(&mut self) -> Option<u32> {
-        self.kernel_mark("gen")
     }
 
     /// The one element of our set `name` in the kernel, if any.
@@ -1062,55 +1057,16 @@ impl Engine {
             }
         }
         let t3 = Instant::now();
-        let mut new_fragments = None;
-        if let (Some(store), false) = (&self.store, unchanged) {
+        if self.store.is_some() && !unchanged {
             // A journal entry with just the changed objects, unless the journal has grown
             // past the snapshot (then a new snapshot) or the change reorders objects.
             // Small changes go to the journal; a change of many farms (or the first save)
             // writes a snapshot directly, without building a journal entry first.
             let entry = small
                 .then(|| journal_entry(&self.state, &next, &changes, &dirty, &slots, seq))
-                .flatten()
-                .filter(|e| self.journal_bytes + e.len() <= self.snapshot_bytes.max(1 << 20));
-            let saved = match (&entry, prepared) {
-                (Some(e), _) => store.append(e.as_bytes()).map(|_| e.len()),
-                (None, Some((len, written))) => written.and_then(|fragments| {
-                    store.install()?;
-                    new_fragments = Some(fragments);
-                    self.snapshot_bytes = len;
-                    Ok(0)
-                }),
-                (None, None) => store
-                    .prepare_with(|w| {
-                        write_saved(w, &self.state, &self.fragments, &next, &slots, seq)
-                    })
-                    .and_then(|(len, fragments)| {
-                        store.install()?;
-                        new_fragments = Some(fragments);
-                        self.snapshot_bytes = len;
-                        Ok(0)
-                    }),
-            };
-            match &saved {
-                Ok(n) if entry.is_some() => {
-                    self.journal_bytes += n;
-                    // Cached snapshot pieces of objects this change touched are stale now.
-                    for name in &changes.farms {
-                        self.fragments.farms.remove(name);
-                    }
-                    for name in &changes.policies {
-                        self.fragments.policies.remove(name);
-                    }
-                    for name in &changes.addresses {
-                        self.fragments.addresses.remove(name);
-                    }
-                }
-                Ok(_) => self.journal_bytes = 0,
-                Err(_) => {}
-            }
-            if saved.is_ok() {
-                self.seq = seq;
-            }
+                .flatten();
+            let touched = [&changes.farms[..], &changes.policies, &changes.addresses];
+            let saved = self.save_change(entry, prepared, &next, &slots, seq, touched);
             if let Err(e) = saved {
                 // Undo the kernel change so that memory, kernel and file agree.
                 let undo = plan(&new_part, &old_part);
@@ -1165,9 +1121,6 @@ impl Engine {
         self.state = next;
         self.slots = slots;
         self.net = net;
-        if let Some(f) = new_fragments {
-            self.fragments = f;
-        }
         Ok(notes)
     }
 
@@ -1268,57 +1221,49 @@ impl Engine {
         } else {
             self.seq
         };
-        // The sets' elements that go and come, and the stamp.
+        // The sets' elements that go and come (both sides name every set touched, so that
+        // none looks created or deleted), and the stamp.
         let (mut old_part, mut new_part) = (Ruleset::default(), Ruleset::default());
         for d in deltas {
             let p = &next.policies[&d.name];
             let fam = filter::policy_family(p);
-            for (part, list) in [(&mut old_part, &d.removed), (&mut new_part, &d.added)] {
-                let t = part.tables.entry(fam).or_default();
-                for data in list {
-                    let (len, net) = filter::element_prefix(data);
-                    t.maps
-                        .entry(filter::policy_set(&p.name, len))
-                        .or_insert_with(|| filter::policy_set_def(p))
-                        .elements
-                        .insert(net, String::new());
-                }
-            }
-            // Both sides name every set touched (so that none looks created or deleted).
-            let sets: Vec<(String, crate::ruleset::MapDef)> = [&old_part, &new_part]
+            for (is_new, data) in d
+                .removed
                 .iter()
-                .filter_map(|rs| rs.tables.get(&fam))
-                .flat_map(|t| t.maps.iter())
-                .map(|(n, m)| {
-                    (
-                        n.clone(),
-                        crate::ruleset::MapDef {
-                            elements: BTreeMap::new(),
-                            ..m.clone()
-                        },
-                    )
-                })
-                .collect();
-            for part in [&mut old_part, &mut new_part] {
-                let t = part.tables.entry(fam).or_default();
-                for (n, m) in &sets {
-                    t.maps.entry(n.clone()).or_insert_with(|| m.clone());
+                .map(|x| (false, x))
+                .chain(d.added.iter().map(|x| (true, x)))
+            {
+                let (len, net) = filter::element_prefix(data);
+                let set = filter::policy_set(&p.name, len);
+                let (to, other) = if is_new {
+                    (&mut new_part, &mut old_part)
+                } else {
+                    (&mut old_part, &mut new_part)
+                };
+                for (part, elem) in [(other, None), (to, Some(net))] {
+                    let m = part
+                        .tables
+                        .entry(fam)
+                        .or_default()
+                        .maps
+                        .entry(set.clone())
+                        .or_insert_with(|| filter::policy_set_def(p));
+                    if let Some(e) = elem {
+                        m.elements.insert(e, String::new());
+                    }
                 }
             }
         }
         for (part, seq) in [(&mut old_part, self.seq), (&mut new_part, next_seq)] {
-            let mut gen = crate::ruleset::MapDef {
-                kind: "set",
-                spec: "type mark;".into(),
-                elements: BTreeMap::new(),
-                dynamic: false,
-            };
-            gen.elements.insert(String::new(), String::new());
-            part.tables
-                .entry(TableFamily::Ip)
-                .or_default()
-                .maps
-                .insert("gen".into(), gen);
+            part.tables.entry(TableFamily::Ip).or_default().maps.insert(
+                "gen".into(),
+                crate::ruleset::MapDef {
+                    kind: "set",
+                    spec: "type mark;".into(),
+                    elements: BTreeMap::new(),
+                    dynamic: false,
+                },
+            );
             stamp(part, seq);
         }
         let tx = plan(&old_part, &new_part);
@@ -1328,37 +1273,19 @@ impl Engine {
                 return Err(Box::new(next));
             }
         }
-        if let Some(store) = &self.store {
+        if self.store.is_some() {
             let entry = policy_delta_entry(&next, deltas, next_seq);
-            let saved = if self.journal_bytes + entry.len() <= self.snapshot_bytes.max(1 << 20)
-                && self.snapshot_bytes > 0
-            {
-                store.append(entry.as_bytes()).map(|_| {
-                    self.journal_bytes += entry.len();
-                    for d in deltas {
-                        self.fragments.policies.remove(&d.name);
-                    }
-                })
-            } else {
-                store
-                    .prepare_with(|w| {
-                        write_saved(
-                            w,
-                            &self.state,
-                            &self.fragments,
-                            &next,
-                            &self.slots,
-                            next_seq,
-                        )
-                    })
-                    .and_then(|(len, fragments)| {
-                        store.install()?;
-                        self.fragments = fragments;
-                        self.snapshot_bytes = len;
-                        self.journal_bytes = 0;
-                        Ok(())
-                    })
-            };
+            let names: Vec<String> = deltas.iter().map(|d| d.name.clone()).collect();
+            let slots = std::mem::take(&mut self.slots);
+            let saved = self.save_change(
+                Some(entry),
+                None,
+                &next,
+                &slots,
+                next_seq,
+                [&[], &names, &[]],
+            );
+            self.slots = slots;
             if let Err(e) = saved {
                 // Undo the kernel change so that memory, kernel and file agree; the
                 // general path then reports the failure to save.
@@ -1368,10 +1295,63 @@ impl Engine {
                 }
                 return Err(Box::new(next));
             }
-            self.seq = next_seq;
         }
         self.state = next;
         self.policy_element_commits += 1;
+        Ok(())
+    }
+
+    /// Saves a committed change: `entry` appended to the journal when there is a snapshot
+    /// and the journal stays smaller than it, else a new snapshot of `next` (the one
+    /// `prepared` while the kernel applied the change, or written now). Then the file's
+    /// bookkeeping follows: the sequence number, the sizes, and the cached snapshot pieces
+    /// of the objects `touched` (farms, policies, addresses), which a journal entry makes
+    /// stale.
+    fn save_change(
+        &mut self,
+        entry: Option<String>,
+        prepared: Option<(usize, Result<Fragments, String>)>,
+        next: &State,
+        slots: &Slots,
+        seq: u64,
+        touched: [&[String]; 3],
+    ) -> Result<(), String> {
+        let Some(store) = self.store.clone() else {
+            return Ok(());
+        };
+        let fits = |e: &String| {
+            self.snapshot_bytes > 0
+                && self.journal_bytes + e.len() <= self.snapshot_bytes.max(1 << 20)
+        };
+        match entry.filter(fits) {
+            Some(e) => {
+                store.append(e.as_bytes())?;
+                self.journal_bytes += e.len();
+                let [farms, policies, addresses] = touched;
+                for (cache, names) in [
+                    (&mut self.fragments.farms, farms),
+                    (&mut self.fragments.policies, policies),
+                    (&mut self.fragments.addresses, addresses),
+                ] {
+                    for n in names {
+                        cache.remove(n);
+                    }
+                }
+            }
+            None => {
+                let (len, fragments) = match prepared {
+                    Some((len, written)) => (len, written?),
+                    None => store.prepare_with(|w| {
+                        write_saved(w, &self.state, &self.fragments, next, slots, seq)
+                    })?,
+                };
+                store.install()?;
+                self.fragments = fragments;
+                self.snapshot_bytes = len;
+                self.journal_bytes = 0;
+            }
+        }
+        self.seq = seq;
         Ok(())
     }
 

@@ -587,17 +587,8 @@ impl Nl {
                 }
                 return Err(e);
             }
-            let data = &self.buf[..n as usize];
-            let mut off = 0usize;
             let mut finished = false;
-            while off + 16 <= data.len() {
-                let len =
-                    u32::from_ne_bytes(data[off..off + 4].try_into().expect("4 bytes")) as usize;
-                if len < 16 || off + len > data.len() {
-                    break;
-                }
-                let part = &data[off..off + len];
-                off += (len + 3) & !3;
+            for part in crate::kernel::netlink::messages(&self.buf[..n as usize]) {
                 let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(part)
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
                 if m.header.sequence_number != seq {

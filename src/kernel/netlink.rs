@@ -450,6 +450,22 @@ fn encode_element(spec: &SetSpec, text: &str, delete: bool) -> Option<Vec<SetEle
     Some(out)
 }
 
+/// The netlink messages of a received datagram (each with its header), as far as their
+/// lengths hold together.
+pub(crate) fn messages(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut off = 0usize;
+    std::iter::from_fn(move || {
+        let head = data.get(off..off + 4)?;
+        let len = u32::from_ne_bytes(head.try_into().expect("4 bytes")) as usize;
+        if len < 16 || off + len > data.len() {
+            return None;
+        }
+        let part = &data[off..off + len];
+        off += (len + 3) & !3;
+        Some(part)
+    })
+}
+
 /// Parses `add|delete element FAMILY nftlb SET { e1, e2, ... }`:
 /// (delete, family, set, element texts).
 fn parse_command(c: &str) -> Option<(bool, TableFamily, &str, Vec<&str>)> {
@@ -647,16 +663,7 @@ impl NetlinkWriter {
             let Some(n) = self.recv(wait, deadline).map_err(unavailable)? else {
                 break;
             };
-            let data = &self.buf[..n];
-            let mut off = 0usize;
-            while off + 16 <= data.len() {
-                let len =
-                    u32::from_ne_bytes(data[off..off + 4].try_into().expect("4 bytes")) as usize;
-                if len < 16 || off + len > data.len() {
-                    break;
-                }
-                let part = &data[off..off + len];
-                off += (len + 3) & !3;
+            for part in messages(&self.buf[..n]) {
                 let Ok(m) = NetlinkMessage::<NetfilterMessage>::deserialize(part) else {
                     continue;
                 };
@@ -801,6 +808,25 @@ fn grow_buffer(fd: i32, opt: libc::c_int, force: libc::c_int, want: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn datagrams_split_into_messages_on_4_byte_boundaries() {
+        let msg = |len: u32| {
+            let mut m = len.to_ne_bytes().to_vec();
+            m.resize(len as usize, 0xaa);
+            m.resize((len as usize + 3) & !3, 0);
+            m
+        };
+        let mut d = msg(18);
+        d.extend(msg(20));
+        let parts: Vec<usize> = messages(&d).map(<[u8]>::len).collect();
+        assert_eq!(parts, [18, 20]);
+        // A length running past the datagram, or too short for a header, ends it.
+        d.extend(40u32.to_ne_bytes());
+        d.extend([0; 12]);
+        assert_eq!(messages(&d).count(), 2);
+        assert_eq!(messages(&8u32.to_ne_bytes()).count(), 0);
+    }
 
     fn specs(_f: TableFamily, name: &str) -> Option<String> {
         Some(
