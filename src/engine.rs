@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 
 use crate::document::{self, ApplyMode, DocError, ParseConfig, TextError, View};
-use crate::kernel::netlink;
+use crate::kernel::{netlink, verify};
 use crate::kernel::{Capabilities, Kernel, KernelError};
 use crate::model::*;
 use crate::netinfo;
@@ -147,6 +147,8 @@ pub struct Engine {
     element_batch_commands: usize,
     /// How many farms use each chain shared by plain farms.
     shared_refs: SharedRefs,
+    /// Repairs of kernel drift (see [`Engine::repairs`]).
+    repairs: u64,
 }
 
 /// Indexes over the committed state that let a change be validated and rendered from
@@ -347,6 +349,7 @@ impl Engine {
             policy_element_commits: 0,
             element_batch_commands: ELEMENT_BATCH_COMMANDS,
             shared_refs: HashMap::new(),
+            repairs: 0,
         }
     }
 
@@ -383,6 +386,7 @@ impl Engine {
     /// established connections and dynamic maps survive a restart.
     pub fn start(&mut self, config: Option<&[u8]>, use_store: bool) -> Result<(), String> {
         let started = Instant::now();
+
         let mut st = State::default();
         let mut slots = Slots::default();
         let pcfg = self.parse_cfg();
@@ -443,6 +447,8 @@ impl Engine {
         let will_save = use_store && config.is_some() && self.store.is_some();
         let seq = if will_save { self.seq + 1 } else { self.seq };
         stamp(&mut rs, seq);
+        // Before anything is written: our tables are ours alone.
+        crate::kernel::owner::claim(self.kernel.as_mut()).map_err(|e| e.to_string())?;
         // The kernel already implements this saved state (its generation matches, and no
         // farm depends on the live network): nothing to rewrite.
         let current = self.store.is_some()
@@ -451,9 +457,11 @@ impl Engine {
             && self.seq > 0
             && !netinfo::needed(&st)
             && self.kernel_mark("gen") == Some(self.seq as u32)
-            && self.kernel_mark("layout") == Some(crate::render::LAYOUT);
+            && self.kernel_mark("layout") == Some(crate::render::LAYOUT)
+            && self.kernel_mark("busy").is_none();
         if current {
-            tracing::info!(seq = self.seq, "kernel rules already match the saved state");
+            // The markers say nothing is to do; the kernel says whether that is true.
+            self.check_and_repair(&rs, "start")?;
         } else {
             self.resync_kernel(&rs)?;
         }
@@ -573,6 +581,104 @@ impl Engine {
             .map(|g| g as u32)
     }
 
+    /// Reads our tables back from the kernel and compares them with `rs`; repairs what
+    /// differs in one transaction (then reads again: what still differs is rewritten
+    /// whole). `why` names the occasion in the log. Backends without netlink (the test
+    /// double) cannot be read back: nothing is checked.
+    fn check_and_repair(&mut self, rs: &Ruleset, why: &str) -> Result<(), String> {
+        if !self.kernel.has_netlink() {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let drift = match verify::check(rs) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!("cannot read our tables back from the kernel ({e}); rewriting them");
+                return self.resync_kernel(rs);
+            }
+        };
+        if drift.is_empty() {
+            tracing::info!(
+                occasion = why,
+                seq = self.seq,
+                elapsed_ms = t.elapsed().as_millis() as u64,
+                "kernel rules verified: they match the desired state"
+            );
+            return Ok(());
+        }
+        self.repairs += 1;
+        tracing::warn!(
+            occasion = why,
+            objects = drift.count(),
+            "kernel rules differ from the desired state, repairing: {drift}"
+        );
+        let tx = crate::ruleset::repair(rs, &drift);
+        tracing::debug!("repair transaction:\n{}", tx.to_text());
+        let repaired = self.kernel.apply(&tx.to_text());
+        if repaired.is_ok() && drift.tables_missing.contains(&TableFamily::Ip) {
+            // The owner marker went with the table.
+            if let Err(e) = crate::kernel::owner::claim(self.kernel.as_mut()) {
+                tracing::error!("{e}");
+            }
+        }
+        let left = match repaired {
+            Ok(()) => verify::check(rs).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match left {
+            Ok(d) if d.is_empty() => {
+                tracing::warn!(
+                    occasion = why,
+                    elapsed_ms = t.elapsed().as_millis() as u64,
+                    "kernel rules repaired"
+                );
+                Ok(())
+            }
+            Ok(d) => {
+                tracing::error!(
+                    "kernel rules still differ after the repair ({d}); rewriting our tables"
+                );
+                self.resync_kernel(rs)
+            }
+            Err(e) => {
+                tracing::error!("the repair failed ({e}); rewriting our tables");
+                self.resync_kernel(rs)
+            }
+        }
+    }
+
+    /// Checks the kernel against the committed state (after a change the daemon did not
+    /// make was seen, see `kernel::monitor`) and repairs it.
+    fn verify_committed(&mut self, why: &str) -> Result<Vec<String>, Failure> {
+        let rs = self.current_ruleset();
+        self.check_and_repair(&rs, why)
+            .map(|()| Vec::new())
+            .map_err(|e| Failure::new(500, "cannot repair the kernel rules", e))
+    }
+
+    /// How many times the kernel was found to differ from the desired state and was
+    /// repaired.
+    pub fn repairs(&self) -> u64 {
+        self.repairs
+    }
+
+    /// Sets or clears the in-progress marker (`set busy` of the ip table) around a change
+    /// that takes several kernel transactions: a crash in between leaves it set, and the
+    /// next start then rewrites the rules instead of trusting the generation marker.
+    fn mark_busy(&mut self, busy: bool) -> Result<(), KernelError> {
+        let verb = if busy { "add" } else { "delete" };
+        let cmd = vec![format!(
+            "{verb} element {} {TABLE} busy {{ 0x1 }}",
+            TableFamily::Ip.as_str()
+        )];
+        if let Some(batch) = netlink::encode(&cmd, |_, _| Some("type mark;".to_string())) {
+            if let Some(r) = self.kernel.apply_elements(&batch) {
+                return r;
+            }
+        }
+        self.kernel.apply(&format!("{}\n", cmd[0]))
+    }
+
     /// Makes the kernel hold exactly `rs`, whatever our tables contain now.
     fn resync_kernel(&mut self, rs: &Ruleset) -> Result<(), String> {
         let mut present = BTreeMap::new();
@@ -584,8 +690,12 @@ impl Engine {
                 present.insert(fam, parse_listing(&text));
             }
         }
-        if present.is_empty() {
-            // None of our tables: create everything, then fill the maps over netlink.
+        // None of our tables, or only what claiming them created (the owner marker):
+        // create everything, then fill the maps over netlink.
+        let bare = present.values().all(|(chains, maps)| {
+            chains.is_empty() && maps.iter().all(|(_, n)| n == crate::ruleset::OWNER_SET)
+        });
+        if bare {
             let tx = plan(&Ruleset::default(), rs);
             return self
                 .apply_tx(&tx, &[rs], true)
@@ -666,6 +776,30 @@ impl Engine {
         let Some((parts, chunks, first)) = parts.filter(|_| self.kernel.has_netlink()) else {
             return self.kernel.apply(&tx.to_text());
         };
+        // Several kernel transactions: marked as in progress until the last one is in
+        // (a fresh start has no generation marker until its last batch anyway).
+        if !fresh {
+            self.mark_busy(true)?;
+        }
+        let r = self.apply_parts(tx, parts, chunks, first, &spec_of);
+        if !fresh {
+            if let Err(e) = self.mark_busy(false) {
+                tracing::warn!("cannot clear the in-progress marker: {e}");
+            }
+        }
+        r
+    }
+
+    /// The several transactions of [`Engine::apply_tx`]: created objects, element
+    /// batches, removals.
+    fn apply_parts(
+        &mut self,
+        tx: &crate::ruleset::Transaction,
+        parts: crate::ruleset::Split,
+        chunks: Vec<Vec<String>>,
+        first: netlink::ElementBatch,
+        spec_of: &impl Fn(TableFamily, &str) -> Option<String>,
+    ) -> Result<(), KernelError> {
         let lines = |c: &[String]| c.iter().map(|l| format!("{l}\n")).collect::<String>();
         if !parts.create.is_empty() {
             self.kernel.apply(&lines(&parts.create))?;
@@ -1633,6 +1767,9 @@ impl Engine {
                 let next = self.state.clone();
                 self.commit(next, Vec::new())
             }
+            // Internal: a change to our tables that the daemon did not make was seen
+            // (kernel::monitor); check the kernel and repair it.
+            "VERIFY" => self.verify_committed("change seen"),
             "POST" | "PUT" => self.post(&segs, &req.body),
             "PATCH" => self.patch(&segs, &req.body),
             "DELETE" => self.delete(&segs, &req.body),

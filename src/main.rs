@@ -117,6 +117,25 @@ fn run(args: Args) -> Result<(), String> {
         })
         .map_err(|e| format!("cannot start the network watcher: {e}"))?;
 
+    // Changes to our tables that the daemon did not make: check and repair them.
+    let verify = tx.clone();
+    std::thread::Builder::new()
+        .name("nftmonitor".into())
+        .spawn(move || {
+            let e = nftlb::kernel::monitor::watch(move |f| {
+                tracing::warn!(by = %f.by, what = ?f.what, "our tables were changed from outside");
+                let (reply, _) = tokio::sync::oneshot::channel();
+                let req = nftlb::engine::Request {
+                    method: "VERIFY".into(),
+                    path: String::new(),
+                    body: Vec::new(),
+                };
+                let _ = verify.blocking_send((req, reply));
+            });
+            tracing::error!("the nftables monitor stopped: {e}; changes made from outside are no longer repaired");
+        })
+        .map_err(|e| format!("cannot start the nftables monitor: {e}"))?;
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

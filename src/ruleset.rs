@@ -10,6 +10,12 @@ use std::fmt::Write as _;
 /// Name of every table this daemon owns.
 pub const TABLE: &str = "nftlb";
 
+/// The set of `table ip nftlb` that names the daemon managing our tables (see
+/// `kernel::owner`), and its declaration.
+pub const OWNER_SET: &str = "owner";
+/// See [`OWNER_SET`].
+pub const OWNER_SPEC: &str = "type mark . mark; size 1;";
+
 /// Family of one of our tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum TableFamily {
@@ -139,6 +145,39 @@ fn declare(fam: TableFamily, name: &str, m: &MapDef) -> String {
     }
 }
 
+/// The tag a rule carries in the kernel (its comment): a hash of the rule's text as we
+/// render it. nft prints rules in its own normal form, so the text cannot be compared
+/// with a listing; the tag can, and lets start-up and drift checks tell, per chain,
+/// whether the kernel holds exactly the rules we wrote, in order (see
+/// `crate::kernel::verify`).
+pub fn rule_tag(rule: &str) -> String {
+    // FNV-1a, 64 bits: stable across builds and Rust versions (the tags outlive us).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in rule.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("nftlb:{h:016x}")
+}
+
+/// A command without the rule tag [`add_rule`] appends (tests compare rule text).
+#[doc(hidden)]
+pub fn untagged(cmd: &str) -> &str {
+    match cmd.rfind(" comment \"nftlb:") {
+        Some(i) if cmd.ends_with('"') => &cmd[..i],
+        _ => cmd,
+    }
+}
+
+/// `add rule …` with the rule's tag as its comment.
+fn add_rule(fam: TableFamily, chain: &str, rule: &str) -> String {
+    format!(
+        "add rule {} {TABLE} {chain} {rule} comment \"{}\"",
+        fam.as_str(),
+        rule_tag(rule)
+    )
+}
+
 fn chain_decl(fam: TableFamily, name: &str, chain: &Chain) -> String {
     match &chain.base {
         Some(b) => format!("add chain {} {TABLE} {name} {{ {b} }}", fam.as_str()),
@@ -181,7 +220,7 @@ pub fn plan(old: &Ruleset, new: &Ruleset) -> Transaction {
                 c.push(format!("flush chain {} {TABLE} {name}", fam.as_str()));
             }
             for r in &ch.rules {
-                c.push(format!("add rule {} {TABLE} {name} {r}", fam.as_str()));
+                c.push(add_rule(*fam, name, r));
             }
         }
     }
@@ -304,7 +343,7 @@ pub fn resync(desired: &Ruleset, present: &BTreeMap<TableFamily, Listing>) -> Tr
         }
         for (name, ch) in &t.chains {
             for r in &ch.rules {
-                c.push(format!("add rule {f} {TABLE} {name} {r}"));
+                c.push(add_rule(*fam, name, r));
             }
         }
         for (name, m) in &t.maps {
@@ -323,6 +362,132 @@ pub fn resync(desired: &Ruleset, present: &BTreeMap<TableFamily, Listing>) -> Tr
                 }
             }
         }
+    }
+    tx
+}
+
+/// What differs between the ruleset we want and what the kernel holds, object by object
+/// (see [`crate::kernel::verify`]); [`repair`] turns it into one transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Drift {
+    /// Our tables that are missing.
+    pub tables_missing: Vec<TableFamily>,
+    /// Our tables that are there though not wanted.
+    pub tables_extra: Vec<TableFamily>,
+    /// Chains missing, or whose rules are not ours in our order: rewritten.
+    pub chains: Vec<(TableFamily, String)>,
+    /// Chains not wanted: emptied, then removed.
+    pub extra_chains: Vec<(TableFamily, String)>,
+    /// Sets, maps and objects missing, or sets and maps whose elements differ: declared
+    /// and refilled.
+    pub sets: Vec<(TableFamily, String)>,
+    /// Sets, maps and objects not wanted: (family, kind, name), removed.
+    pub extra_objects: Vec<(TableFamily, String, String)>,
+}
+
+impl Drift {
+    /// Whether the kernel holds exactly what we want.
+    pub fn is_empty(&self) -> bool {
+        self.count() == 0
+    }
+
+    /// How many objects differ.
+    pub fn count(&self) -> usize {
+        self.tables_missing.len()
+            + self.tables_extra.len()
+            + self.chains.len()
+            + self.extra_chains.len()
+            + self.sets.len()
+            + self.extra_objects.len()
+    }
+}
+
+impl std::fmt::Display for Drift {
+    /// A one-line summary for the log (the first few objects of each kind).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        fn list<T>(
+            f: &mut std::fmt::Formatter<'_>,
+            what: &str,
+            items: &[T],
+            show: impl Fn(&T) -> String,
+        ) -> std::fmt::Result {
+            if items.is_empty() {
+                return Ok(());
+            }
+            let mut names: Vec<String> = items.iter().take(5).map(show).collect();
+            if items.len() > 5 {
+                names.push(format!("and {} more", items.len() - 5));
+            }
+            write!(f, "{what}: {}; ", names.join(", "))
+        }
+        let fam = |t: &TableFamily| format!("table {} {TABLE}", t.as_str());
+        let named = |(t, n): &(TableFamily, String)| format!("{} {n}", t.as_str());
+        list(f, "tables missing", &self.tables_missing, fam)?;
+        list(f, "tables not ours to keep", &self.tables_extra, fam)?;
+        list(f, "chains missing or changed", &self.chains, named)?;
+        list(f, "chains not wanted", &self.extra_chains, named)?;
+        list(
+            f,
+            "sets, maps or objects missing or changed",
+            &self.sets,
+            named,
+        )?;
+        list(f, "objects not wanted", &self.extra_objects, |(t, k, n)| {
+            format!("{k} {} {n}", t.as_str())
+        })
+    }
+}
+
+/// One transaction that brings the objects named in `drift` to what `desired` holds and
+/// leaves every other object alone (dynamic sets keep their elements unless they are
+/// missing).
+pub fn repair(desired: &Ruleset, drift: &Drift) -> Transaction {
+    let mut tx = Transaction::default();
+    let c = &mut tx.commands;
+    let empty = Table::default();
+    let table = |fam: &TableFamily| desired.tables.get(fam).unwrap_or(&empty);
+    for fam in &drift.tables_extra {
+        c.push(format!("delete table {} {TABLE}", fam.as_str()));
+    }
+    for fam in &drift.tables_missing {
+        c.push(format!("add table {} {TABLE}", fam.as_str()));
+    }
+    for (fam, name) in &drift.sets {
+        if let Some(m) = table(fam).maps.get(name) {
+            c.push(declare(*fam, name, m));
+        }
+    }
+    for (fam, name) in &drift.chains {
+        if let Some(ch) = table(fam).chains.get(name) {
+            c.push(chain_decl(*fam, name, ch));
+        }
+    }
+    for (fam, name) in &drift.chains {
+        if let Some(ch) = table(fam).chains.get(name) {
+            c.push(format!("flush chain {} {TABLE} {name}", fam.as_str()));
+            for r in &ch.rules {
+                c.push(add_rule(*fam, name, r));
+            }
+        }
+    }
+    for (fam, name) in &drift.extra_chains {
+        c.push(format!("flush chain {} {TABLE} {name}", fam.as_str()));
+    }
+    for (fam, name) in &drift.sets {
+        let Some(m) = table(fam).maps.get(name) else {
+            continue;
+        };
+        if matches!(m.kind, "map" | "set") && !m.dynamic {
+            c.push(format!("flush {} {} {TABLE} {name}", m.kind, fam.as_str()));
+            let items: Vec<(&String, &String)> = m.elements.iter().collect();
+            element_commands(c, "add", *fam, name, &items, true);
+        }
+    }
+    for (fam, kind, name) in &drift.extra_objects {
+        c.push(format!("delete {kind} {} {TABLE} {name}", fam.as_str()));
+    }
+    for (fam, name) in &drift.extra_chains {
+        c.push(format!("delete chain {} {TABLE} {name}", fam.as_str()));
     }
     tx
 }
@@ -538,7 +703,11 @@ mod tests {
     fn plan_from_empty_creates_in_dependency_order() {
         let b = rs(&[("1.1.1.1", "2.2.2.2")], &["drop"]);
         assert_eq!(
-            plan(&Ruleset::default(), &b).commands,
+            plan(&Ruleset::default(), &b)
+                .commands
+                .iter()
+                .map(|c| untagged(c))
+                .collect::<Vec<_>>(),
             vec![
                 "add table ip nftlb",
                 "add map ip nftlb m { type ipv4_addr : ipv4_addr; }",

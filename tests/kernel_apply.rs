@@ -455,7 +455,9 @@ fn a_load_cut_into_batches_is_taken_back_when_one_is_refused() {
     // and the stamp make four commands, so two batches.
     e.set_element_batch_commands(2);
     let b0 = batches.load(Ordering::SeqCst);
-    refuse.store(b0 + 2, Ordering::SeqCst);
+    // (The first element transaction of a change cut in several sets the in-progress
+    // marker, the last one clears it.)
+    refuse.store(b0 + 3, Ordering::SeqCst);
     let farms = |from: usize| {
         let f: Vec<String> = (from..from + 20)
             .map(|i| {
@@ -477,8 +479,8 @@ fn a_load_cut_into_batches_is_taken_back_when_one_is_refused() {
     assert_eq!(send(&mut e, "POST", "/farms", &farms(0)), 200);
     assert_eq!(
         batches.load(Ordering::SeqCst),
-        b0 + 3,
-        "two batches and the undo"
+        b0 + 5,
+        "the marker, two batches, the undo and the marker cleared"
     );
     assert_eq!(e.netlink_transactions(), txs);
     let seen = after_refusal
@@ -493,9 +495,10 @@ fn a_load_cut_into_batches_is_taken_back_when_one_is_refused() {
     assert!(!seen.contains("0x00000010 . 0 :"), "{seen}");
     assert_eq!(a.listing(), fresh_start_listing(&e));
     assert!(a.listing().contains("198.18.0.20"), "{}", a.listing());
-    // Accepted: the next load goes in two batches, services last.
+    // Accepted: the next load goes in two batches, services last (plus setting and
+    // clearing the in-progress marker around them).
     assert_eq!(send(&mut e, "POST", "/farms", &farms(20)), 200);
-    assert_eq!(batches.load(Ordering::SeqCst), b0 + 5);
+    assert_eq!(batches.load(Ordering::SeqCst), b0 + 9);
     assert_eq!(e.netlink_transactions(), txs + 1);
     assert_eq!(a.listing(), fresh_start_listing(&e));
     assert!(a.listing().contains("198.18.0.40"), "{}", a.listing());
@@ -685,7 +688,11 @@ fn restart_on_unchanged_rules_rewrites_nothing() {
     a.nft("delete table ip nftlb\n", &["-f", "-"]).unwrap();
     let n = std::sync::Arc::new(AtomicUsize::new(0));
     let _e = start(&n);
-    assert_eq!(n.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        n.load(Ordering::SeqCst),
+        2,
+        "claiming the table (the owner marker went with it), then the rules"
+    );
     assert_eq!(a.listing(), listing);
     let _ = std::fs::remove_file(&file);
     let _ = std::fs::remove_file(file.with_extension("json.journal"));

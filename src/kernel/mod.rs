@@ -4,7 +4,10 @@
 mod cli;
 mod fake;
 mod ffi;
+pub mod monitor;
 pub mod netlink;
+pub mod owner;
+pub mod verify;
 
 pub use cli::CliKernel;
 pub use fake::FakeKernel;

@@ -328,6 +328,12 @@ struct SetSpec {
 /// Parses a declaration body such as `type mark : ipv4_addr . inet_service;`.
 /// Only clauses known not to change how nft encodes an element are accepted.
 fn parse_spec(spec: &str) -> Option<SetSpec> {
+    parse_spec_with(spec, false)
+}
+
+/// [`parse_spec`], also accepting `flags interval` when `interval` is set (for reading
+/// elements back, not for writing them: nft sends interval elements differently).
+fn parse_spec_with(spec: &str, interval: bool) -> Option<SetSpec> {
     let mut ty = None;
     for clause in spec.split(';').map(str::trim).filter(|c| !c.is_empty()) {
         let (word, rest) = clause
@@ -373,7 +379,7 @@ fn parse_spec(spec: &str) -> Option<SetSpec> {
             "counter" if rest.is_empty() => {}
             "flags" => {
                 for f in rest.split(',').map(str::trim) {
-                    if !matches!(f, "dynamic" | "timeout") {
+                    if !(matches!(f, "dynamic" | "timeout") || interval && f == "interval") {
                         return None;
                     }
                 }
@@ -579,6 +585,121 @@ pub fn encode(
         });
     }
     Some(batch)
+}
+
+/// Turns a set's elements (as rendered) into the bytes the kernel holds for them, so that
+/// a dump of the set can be compared with what we want (see `super::verify`).
+#[derive(Debug, Clone)]
+pub(crate) struct ElementCodec {
+    spec: SetSpec,
+}
+
+impl ElementCodec {
+    /// The codec of a declaration body, or `None` when its elements cannot be encoded
+    /// (then the set is not compared element by element).
+    pub(crate) fn new(spec: &str) -> Option<ElementCodec> {
+        parse_spec_with(spec, true).map(|spec| ElementCodec { spec })
+    }
+
+    /// The identity of one element (`key` and `value` as in [`crate::ruleset::MapDef`]):
+    /// its key, the end of its key range (when it is a range), and its data, as the
+    /// kernel stores them; see [`element_identity`] for the kernel's side.
+    pub(crate) fn identity(&self, key: &str, value: &str) -> Option<Vec<u8>> {
+        let tokens: Vec<&str> = key.split_whitespace().collect();
+        let types = &self.spec.key;
+        if tokens.len() != types.len() * 2 - 1 {
+            return None;
+        }
+        let concat = types.len() > 1;
+        let (mut lo, mut hi) = (Vec::new(), Vec::new());
+        for (i, ty) in types.iter().enumerate() {
+            if i > 0 && tokens[2 * i - 1] != "." {
+                return None;
+            }
+            let (mut a, mut b) = field_range(*ty, tokens[2 * i])?;
+            if concat {
+                a.resize(a.len().div_ceil(4) * 4, 0);
+                b.resize(b.len().div_ceil(4) * 4, 0);
+            }
+            lo.extend_from_slice(&a);
+            hi.extend_from_slice(&b);
+        }
+        let data = match (value.trim(), self.spec.data.as_slice()) {
+            ("", []) => None,
+            (v, [Ty::Verdict]) => {
+                let t: Vec<&str> = v.split_whitespace().collect();
+                Some(encode_verdict(&t)?)
+            }
+            (v, types) if !types.is_empty() && !v.is_empty() => {
+                let t: Vec<&str> = v.split_whitespace().collect();
+                Some(encode_fields(types, &t)?)
+            }
+            _ => return None,
+        };
+        let end = (hi != lo).then_some(hi);
+        Some(element_identity(&lo, end.as_deref(), data.as_ref()))
+    }
+}
+
+/// A field's value, or the first and last value of a range (`80-90`, `10.0.0.0/8`,
+/// `10.0.0.1-10.0.0.9`), as bytes.
+fn field_range(ty: Ty, token: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    let ranged = matches!(ty, Ty::Service | Ty::Ipv4 | Ty::Ipv6 | Ty::Mark);
+    if ranged {
+        if let Some((a, b)) = token.split_once('-') {
+            return Some((ty.parse(a)?, ty.parse(b)?));
+        }
+        if let Some((a, len)) = token.split_once('/') {
+            let lo = ty.parse(a)?;
+            let len: usize = len.parse().ok()?;
+            if !matches!(ty, Ty::Ipv4 | Ty::Ipv6) || len > lo.len() * 8 {
+                return None;
+            }
+            let mut hi = lo.clone();
+            for (i, byte) in hi.iter_mut().enumerate() {
+                let keep = len.saturating_sub(i * 8).min(8);
+                *byte |= if keep >= 8 { 0 } else { 0xff >> keep };
+            }
+            return Some((lo, hi));
+        }
+    }
+    let v = ty.parse(token)?;
+    Some((v.clone(), v))
+}
+
+/// The identity bytes of an element: key, key end (absent when the element is no range)
+/// and data, each tagged and length-prefixed; verdicts as their code and chain.
+pub(crate) fn element_identity(
+    key: &[u8],
+    end: Option<&[u8]>,
+    data: Option<&DataAttribute>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(key.len() * 2 + 24);
+    let mut part = |tag: u8, b: &[u8]| {
+        out.push(tag);
+        out.extend_from_slice(&(b.len() as u16).to_ne_bytes());
+        out.extend_from_slice(b);
+    };
+    part(b'K', key);
+    if let Some(e) = end.filter(|e| *e != key) {
+        part(b'E', e);
+    }
+    match data {
+        Some(DataAttribute::Value(v)) => part(b'D', v),
+        Some(DataAttribute::Verdict(attrs)) => {
+            let mut v = Vec::new();
+            for a in attrs {
+                match a {
+                    VerdictAttribute::Code(c) => v.extend_from_slice(&u32::from(*c).to_be_bytes()),
+                    VerdictAttribute::Chain(name) => v.extend_from_slice(name.as_bytes()),
+                    _ => {}
+                }
+            }
+            part(b'V', &v);
+        }
+        _ => {}
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------

@@ -95,7 +95,7 @@ pub struct Kind {
 /// The version of the rules' layout, held in the `layout` set: a restart whose saved
 /// state matches the kernel's generation still rewrites the rules when they were laid out
 /// by another version (the plain farms' kinds came with version 2; version 1 had no set).
-pub const LAYOUT: u32 = 2;
+pub const LAYOUT: u32 = 3;
 
 /// Kind numbers fit in the low bits of a block offset.
 pub const KIND_MASK: u32 = 0xf;
@@ -525,6 +525,9 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         ("gen", "type mark;".to_string()),
         // One element: the version of this layout (see `LAYOUT`).
         ("layout", "type mark;".to_string()),
+        // One element while a change that takes several kernel transactions is under
+        // way (filled in by the engine): a start that finds it rewrites the rules.
+        ("busy", "type mark;".to_string()),
         ("lsrc", format!("type mark : {at};")),
         // Exact marks, not intervals: nft 1.0.6 cannot add to a one-field interval map
         // created in the same transaction (it lists the kernel's elements first).
@@ -575,13 +578,26 @@ fn base_table(fam: TableFamily, cfg: &RenderConfig) -> Table {
         ("srcaddr", format!("type mark : {at};")),
     ] {
         let mut m = map(spec);
-        if name == "gen" || name == "layout" {
+        if name == "gen" || name == "layout" || name == "busy" {
             m.kind = "set";
         }
         if name == "layout" {
             m.elements.insert(mark(LAYOUT), String::new());
         }
         t.maps.insert(name.into(), m);
+    }
+    if fam == TableFamily::Ip {
+        // The daemon that manages our tables (see `kernel::owner`): claimed before
+        // anything else is written, never diffed.
+        t.maps.insert(
+            crate::ruleset::OWNER_SET.into(),
+            MapDef {
+                kind: "set",
+                spec: crate::ruleset::OWNER_SPEC.into(),
+                elements: Default::default(),
+                dynamic: true,
+            },
+        );
     }
     t.chains.insert(
         "prerouting".into(),
@@ -1843,7 +1859,10 @@ pub(crate) mod tests {
         let f7 = sl.get("f7").unwrap().offset;
         // Only farm f7's chain is rewritten (W 2 -> 1) and its buckets change.
         assert_eq!(
-            tx.commands,
+            tx.commands
+                .iter()
+                .map(|c| crate::ruleset::untagged(c).to_string())
+                .collect::<Vec<_>>(),
             vec![
                 "flush chain ip nftlb farm-f7".to_string(),
                 format!("add rule ip nftlb farm-f7 ct mark set numgen inc mod 1 offset 0x{f7:08x}"),

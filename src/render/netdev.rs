@@ -1234,6 +1234,7 @@ mod tests {
         let rule = text
             .lines()
             .find(|l| l.starts_with("add rule netdev nftlb lb-d"))
+            .map(crate::ruleset::untagged)
             .unwrap();
         assert!(rule.starts_with("add rule netdev nftlb lb-d meta protocol ip ether daddr set jhash ip saddr . th sport mod 256 seed 0x0 map { 0"), "{rule}");
         assert!(
@@ -1451,6 +1452,7 @@ mod tests {
         let rules: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("add rule netdev nftlb lb-d"))
+            .map(crate::ruleset::untagged)
             .collect();
         let usable = "ether daddr { 02:00:00:00:00:11, 02:00:00:00:00:12 }";
         let out = "ether saddr set 02:00:00:00:00:01 fwd to \"eth0\"";
