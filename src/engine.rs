@@ -392,6 +392,9 @@ impl Engine {
         let pcfg = self.parse_cfg();
         if use_store {
             if let Some(store) = &self.store {
+                for done in store.recover()? {
+                    tracing::warn!("{done}");
+                }
                 if let Some(text) = store.load_text()? {
                     let at = |e: String| format!("state file {}: {e}", store.path().display());
                     let (doc, saved_slots, seq) = split_saved(&text).map_err(at)?;

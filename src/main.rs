@@ -84,9 +84,19 @@ fn run(args: Args) -> Result<(), String> {
         }
     }
 
+    // One daemon per state file (the kernel's owner marker covers one per table).
+    let store = Store::new(&args.state_file);
+    let _lock = store.lock()?;
     let k = kernel::open(&args.nft_backend).map_err(|e| e.to_string())?;
     tracing::info!(backend = k.name(), "nftables backend ready");
-    let mut engine = Engine::new(k, Some(Store::new(&args.state_file)), cfg);
+    let mut engine = Engine::new(k, Some(store), cfg);
+    // Test knob: cut large loads into smaller kernel transactions (crash tests).
+    if let Some(n) = std::env::var("NFTLB_TEST_ELEMENT_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        engine.set_element_batch_commands(n);
+    }
     engine.start(config.as_deref(), true)?;
 
     let (tx, mut rx) = mpsc::channel::<Job>(1024);

@@ -1153,6 +1153,46 @@ impl<'a> Daemon<'a> {
         }
     }
 
+    /// Starts a daemon inside `ns` on a copy of `other`'s state file (and journal).
+    pub fn start_from(ns: &'a NetNs, other: &Daemon) -> Daemon<'a> {
+        let dir = std::env::temp_dir().join(unique("nlbt", "daemon"));
+        fs::create_dir_all(&dir).expect("create daemon temp dir");
+        for ext in ["json", "json.journal"] {
+            let from = other.state_file().with_extension(ext);
+            if from.exists() {
+                fs::copy(&from, dir.join("state").with_extension(ext)).expect("copy state");
+            }
+        }
+        let mut d = Daemon {
+            ns,
+            key: API_KEY.to_string(),
+            dir,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// The name of the namespace the daemon runs in.
+    pub fn ns_name(&self) -> &str {
+        self.ns.name()
+    }
+
+    /// SIGKILL (to this PID only) and reap: a crash at whatever point it is.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGKILL);
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again (after [`crash`](Self::crash) or [`stop`](Self::stop)).
+    pub fn respawn(&mut self) {
+        self.spawn();
+    }
+
     /// SIGTERM, wait, start again with the same state file and key.
     pub fn restart(&mut self) {
         if let Some(st) = self.stop() {
@@ -1511,4 +1551,22 @@ pub fn backend_patch(farm: &str, backend: &str, key: &str, value: &str) -> Value
 /// Map literal for count assertions: `expect_counts(&[("be1", 2), ("be2", 2)])`.
 pub fn expect_counts(v: &[(&str, usize)]) -> BTreeMap<String, usize> {
     v.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+}
+
+/// POST `body` to the API of the daemon in namespace `ns` with `key`, from the calling
+/// thread (which enters the namespace). The status, or `None` if the connection failed
+/// or was cut (e.g. the daemon was killed).
+pub fn raw_post(ns: &str, key: &str, path: &str, body: &[u8]) -> Option<u16> {
+    let file = File::open(format!("/run/netns/{ns}")).ok()?;
+    enter(&file, ns);
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nKey: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), API_PORT);
+    http_exchange(addr, &req, Duration::from_secs(120))
+        .ok()
+        .map(|r| r.status)
 }
