@@ -1170,8 +1170,39 @@ impl Engine {
                 prepared = Some((len, written));
             }
             if let Err(e) = applied {
-                // Our tables may have been changed behind our back (for example deleted by
-                // hand): bring them to the new state from scratch, in one transaction.
+                // The kernel says why: if our tables still hold the committed state, the
+                // change itself was refused (nothing to rebuild; at 20,000 farms a rebuild
+                // takes seconds); otherwise they were changed behind our back (for example
+                // deleted by hand): bring them to the new state, in one transaction.
+                if self.kernel.has_netlink() {
+                    let mut committed = if incremental {
+                        slots.clone()
+                    } else {
+                        self.slots.clone()
+                    };
+                    if incremental {
+                        slots_undo.restore(&mut committed);
+                    }
+                    let mut old_rs = self.render_full(&self.state, &committed, &self.net).0;
+                    stamp(&mut old_rs, self.seq);
+                    if verify::check(&old_rs).is_ok_and(|d| d.is_empty()) {
+                        if incremental {
+                            slots_undo.restore(&mut slots);
+                            self.slots = slots;
+                        }
+                        if let (Some(store), Some(_)) = (&self.store, &prepared) {
+                            store.discard();
+                        }
+                        tracing::warn!("change refused by the kernel ({e}); our tables are intact");
+                        // Input that passed validation and that the kernel refuses is
+                        // a defect of ours (500), but nothing changed.
+                        return Err(Failure::new(
+                            500,
+                            "error generating rules",
+                            format!("the kernel refused the change, nothing was changed: {e}"),
+                        ));
+                    }
+                }
                 tracing::warn!("incremental transaction failed ({e}); resynchronising");
                 self.fallbacks += 1;
                 let rs = whole(self);

@@ -316,12 +316,12 @@ fn drift_is_repaired_within_a_second() {
         let repairs_before = d.log().matches("kernel rules repaired").count();
         let t = Instant::now();
         lab.lb.exec(&["nft", cmd]);
-        assert_ne!(
-            kernel_state(&lab.lb),
-            good,
-            "{what}: the edit changed nothing"
-        );
-        let ok = wait_until(Duration::from_secs(3), || kernel_state(&lab.lb) == good);
+        // (The repair can beat a listing of the edited tables: the log proves the edit
+        // was seen and repaired.)
+        let repaired = || d.log().matches("kernel rules repaired").count() > repairs_before;
+        let ok = wait_until(Duration::from_secs(3), || {
+            repaired() && kernel_state(&lab.lb) == good
+        });
         let took = t.elapsed();
         assert!(
             ok,
@@ -333,10 +333,6 @@ fn drift_is_repaired_within_a_second() {
             "{what}: repaired in {took:?}"
         );
         assert!(lab.tcp(VIP, 80).is_ok(), "{what}: traffic not restored");
-        assert!(
-            d.log().matches("kernel rules repaired").count() > repairs_before,
-            "{what}: the repair was not logged"
-        );
         times.push(format!("{what}: {took:?}"));
         // The daemon still changes the kernel as asked.
         let (st, _) = d.get("/farms/web");
