@@ -250,12 +250,12 @@ fn flush_refused(r: &mut Refused) {
     }
     let since = r
         .last
-        .map(|l| format!(" in the last {:.1} s", l.elapsed().as_secs_f64()))
+        .map(|l| format!(" (in the last {:.1} s)", l.elapsed().as_secs_f64()))
         .unwrap_or_default();
     tracing::warn!(
         refused = r.total,
         %clients,
-        "requests with a wrong or missing key refused{since}"
+        "requests refused: wrong or missing key{since}"
     );
     r.total = 0;
     r.clients.clear();
@@ -584,7 +584,7 @@ pub async fn serve(
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let ticker = tokio::spawn(async {
-        let mut t = tokio::time::interval(Duration::from_secs(1));
+        let mut t = tokio::time::interval(Duration::from_millis(250));
         loop {
             t.tick().await;
             flush_warnings();
