@@ -1570,3 +1570,132 @@ pub fn raw_post(ns: &str, key: &str, path: &str, body: &[u8]) -> Option<u16> {
         .ok()
         .map(|r| r.status)
 }
+
+// ---------------------------------------------------------------------------
+// daemon variants and process checks (tests/api_abuse.rs)
+
+impl<'a> Daemon<'a> {
+    /// Like [`start`](Self::start), with `prefix` run before the binary (e.g.
+    /// `prlimit --nofile=1024:1024`, which execs it: the PID stays the daemon's), `extra`
+    /// arguments after the usual ones and `env` added to its environment. (A
+    /// [`restart`](Self::restart) starts it without them.)
+    pub fn start_with(
+        ns: &'a NetNs,
+        prefix: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon<'a> {
+        let dir = std::env::temp_dir().join(unique("nlbt", "daemon"));
+        fs::create_dir_all(&dir).expect("create daemon temp dir");
+        let mut d = Daemon {
+            ns,
+            key: API_KEY.to_string(),
+            dir,
+            child: None,
+        };
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.log_path())
+            .expect("open daemon log");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()])
+            .args(prefix)
+            .arg(env!("CARGO_BIN_EXE_nftlb"))
+            .args(["-k", &d.key, "-H", "127.0.0.1"])
+            .args(["-P", &API_PORT.to_string()])
+            .arg("--state-file")
+            .arg(d.state_file())
+            .args(["-L", "2", "-l", "7"])
+            .args(extra)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        d.child = Some(cmd.spawn().expect("spawn nftlb daemon"));
+        d.wait_ready();
+        d
+    }
+
+    /// Sends `sig` to the daemon (its PID only).
+    pub fn signal(&self, sig: i32) {
+        let pid = self.pid().expect("daemon running");
+        unsafe {
+            libc::kill(pid as i32, sig);
+        }
+    }
+
+    /// Whether the daemon process is still running (not exited).
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Sends `sig` and waits up to `timeout` for the process to exit: its status and how
+    /// long it took (None: still running after `timeout`; it is then SIGKILLed).
+    pub fn stop_with(&mut self, sig: i32, timeout: Duration) -> (Option<ExitStatus>, Duration) {
+        let mut child = self.child.take().expect("daemon running");
+        let t = Instant::now();
+        unsafe {
+            libc::kill(child.id() as i32, sig);
+        }
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return (Some(st), t.elapsed());
+            }
+            if t.elapsed() >= timeout {
+                let waited = t.elapsed();
+                let _ = child.kill();
+                let _ = child.wait();
+                return (None, waited);
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A `/proc/PID/status` field in kB (e.g. `VmRSS`, `VmHWM`).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        proc_status_kib(self.pid().expect("daemon running"), field)
+    }
+
+    /// Open file descriptors of the daemon.
+    pub fn open_fds(&self) -> usize {
+        let pid = self.pid().expect("daemon running");
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+/// A `/proc/PID/status` field in kB (0 when absent).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Raises this process's open-file soft limit to its hard limit (tests that hold many
+/// sockets).
+pub fn raise_nofile() -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
+        rl.rlim_cur = rl.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
+    }
+    rl.rlim_cur
+}
