@@ -589,17 +589,38 @@ impl Engine {
     /// whole). `why` names the occasion in the log. Backends without netlink (the test
     /// double) cannot be read back: nothing is checked.
     fn check_and_repair(&mut self, rs: &Ruleset, why: &str) -> Result<(), String> {
+        self.check_and_repair_with(rs, why, &Suspects::default())
+    }
+
+    /// [`Engine::check_and_repair`], with the sets another process changed (seen by the
+    /// monitor): those too large to read back (see [`verify::READBACK_LIMIT`]) are
+    /// rewritten.
+    fn check_and_repair_with(
+        &mut self,
+        rs: &Ruleset,
+        why: &str,
+        suspects: &Suspects,
+    ) -> Result<(), String> {
         if !self.kernel.has_netlink() {
             return Ok(());
         }
         let t = Instant::now();
-        let drift = match verify::check(rs) {
+        let mut drift = match verify::check(rs) {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!("cannot read our tables back from the kernel ({e}); rewriting them");
                 return self.resync_kernel(rs);
             }
         };
+        for (fam, t) in &rs.tables {
+            for (name, m) in &t.maps {
+                let unread = matches!(m.kind, "set" | "map") && !m.dynamic && !verify::readable(m);
+                let key = (*fam, name.clone());
+                if unread && suspects.touches(*fam, name) && !drift.sets.contains(&key) {
+                    drift.sets.push(key);
+                }
+            }
+        }
         if drift.is_empty() {
             tracing::info!(
                 occasion = why,
@@ -652,9 +673,9 @@ impl Engine {
 
     /// Checks the kernel against the committed state (after a change the daemon did not
     /// make was seen, see `kernel::monitor`) and repairs it.
-    fn verify_committed(&mut self, why: &str) -> Result<Vec<String>, Failure> {
+    fn verify_committed(&mut self, why: &str, suspects: &Suspects) -> Result<Vec<String>, Failure> {
         let rs = self.current_ruleset();
-        self.check_and_repair(&rs, why)
+        self.check_and_repair_with(&rs, why, suspects)
             .map(|()| Vec::new())
             .map_err(|e| Failure::new(500, "cannot repair the kernel rules", e))
     }
@@ -1803,7 +1824,10 @@ impl Engine {
             }
             // Internal: a change to our tables that the daemon did not make was seen
             // (kernel::monitor); check the kernel and repair it.
-            "VERIFY" => self.verify_committed("change seen"),
+            "VERIFY" => {
+                let suspects = parse_suspects(&req.body);
+                self.verify_committed("change seen", &suspects)
+            }
             "POST" | "PUT" => self.post(&segs, &req.body),
             "PATCH" => self.patch(&segs, &req.body),
             "DELETE" => self.delete(&segs, &req.body),
@@ -2642,6 +2666,43 @@ fn parse_map_elements(v: &Value) -> Vec<(String, Value, Option<u64>)> {
         }
     }
     out
+}
+
+/// The sets another process changed, as the monitor reported them.
+#[derive(Debug, Default)]
+struct Suspects {
+    /// Every set is suspect (the monitor lost announcements or listed too many).
+    all: bool,
+    /// (family, set name).
+    sets: Vec<(TableFamily, String)>,
+}
+
+impl Suspects {
+    fn touches(&self, fam: TableFamily, name: &str) -> bool {
+        self.all || self.sets.iter().any(|(f, n)| *f == fam && n == name)
+    }
+}
+
+/// Reads a VERIFY request's body: `NFPROTO name` a line, or `*`.
+fn parse_suspects(body: &[u8]) -> Suspects {
+    let mut s = Suspects::default();
+    for line in String::from_utf8_lossy(body).lines() {
+        if line.trim() == "*" {
+            s.all = true;
+            continue;
+        }
+        let Some((fam, name)) = line.split_once(' ') else {
+            continue;
+        };
+        let fam = match fam.parse::<i32>() {
+            Ok(libc::NFPROTO_IPV4) => TableFamily::Ip,
+            Ok(libc::NFPROTO_IPV6) => TableFamily::Ip6,
+            Ok(libc::NFPROTO_NETDEV) => TableFamily::Netdev,
+            _ => continue,
+        };
+        s.sets.push((fam, name.to_string()));
+    }
+    s
 }
 
 fn kernel_failure(first: &KernelError, resync: &str) -> Failure {

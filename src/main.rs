@@ -150,10 +150,16 @@ fn run(args: Args) -> Result<(), String> {
             let e = nftlb::kernel::monitor::watch(move |f| {
                 tracing::warn!(by = %f.by, what = ?f.what, "our tables were changed from outside");
                 let (reply, _) = tokio::sync::oneshot::channel();
+                // The sets whose elements were touched, one `family name` a line; `*`
+                // when they are not known.
+                let body = match &f.sets {
+                    Some(sets) => sets.iter().map(|(fam, n)| format!("{fam} {n}\n")).collect(),
+                    None => "*\n".to_string(),
+                };
                 let req = nftlb::engine::Request {
                     method: "VERIFY".into(),
                     path: String::new(),
-                    body: Vec::new(),
+                    body: body.into_bytes(),
                 };
                 let _ = verify.blocking_send((req, reply));
             });
