@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod logging;
 pub mod model;
 pub mod netinfo;
+pub mod read;
 pub mod render;
 pub mod ruleset;
 pub mod store;
