@@ -170,11 +170,35 @@ impl Reads {
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Option<R> {
         let _permit = self.permits.acquire().await.ok()?;
-        tokio::task::spawn_blocking(f).await.ok()
+        tokio::task::spawn_blocking(move || {
+            lower_priority();
+            f()
+        })
+        .await
+        .ok()
     }
 }
 
 use futures_util::StreamExt as _;
+
+/// Nice value of the threads that render reads: when reads and the writer want the
+/// same CPU, the writer gets most of it (a change is not held up by a flood of reads).
+const READ_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's scheduling priority to [`READ_NICE`], once per thread
+/// (the API's blocking threads only ever run reads).
+fn lower_priority() {
+    thread_local!(static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    DONE.with(|done| {
+        if !done.replace(true) {
+            // SAFETY: plain syscalls; on Linux a thread id names just that thread.
+            unsafe {
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::setpriority(libc::PRIO_PROCESS, tid, READ_NICE);
+            }
+        }
+    });
+}
 
 /// A GET's answer: a whole reply, or a listing still to render.
 pub enum Answer {
