@@ -1,7 +1,8 @@
 //! The REST API: an HTTP/1.1 server (hyper, with axum's router: keep-alive, chunked
 //! bodies) in front of the engine. It checks the `Key` header in constant time before it
-//! reads anything of the body, and hands each request to the single writer thread, which
-//! answers through a oneshot channel.
+//! reads anything of the body, and hands each request but GETs to the single writer thread,
+//! which answers through a oneshot channel. GETs are answered from the latest snapshot
+//! the writer published ([`crate::read`]): reads never wait for writes.
 //!
 //! Strangers cannot hurt it: an unauthenticated request is answered 401 and its
 //! connection closed without its body being read; every connection is tracked (reading a
@@ -33,6 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::engine::{Reply, Request};
+use crate::read::Reads;
 
 /// Largest accepted request body: a 1,000,000-entry blacklist is about 30 MB, 100,000
 /// farms of 8 backends about 67 MB.
@@ -68,14 +70,16 @@ pub type Job = (Request, oneshot::Sender<Reply>);
 struct App {
     key: Vec<u8>,
     writer: mpsc::Sender<Job>,
+    reads: Reads,
 }
 
 /// Builds the router: every path goes to one handler that follows nftlb's URL grammar.
 /// Serve it with [`serve`] (the handler needs the client address it adds).
-pub fn router(key: String, writer: mpsc::Sender<Job>) -> Router {
+pub fn router(key: String, writer: mpsc::Sender<Job>, reads: Reads) -> Router {
     let app = Arc::new(App {
         key: key.into_bytes(),
         writer,
+        reads,
     });
     Router::new().fallback(handle).with_state(app)
 }
@@ -134,6 +138,10 @@ async fn handle(
         Ok(b) => b,
         Err(r) => return r,
     };
+    // Reads never wait for writes.
+    if method == Method::GET {
+        return app.reads.respond(uri.path()).await;
+    }
     let (tx, rx) = oneshot::channel();
     let req = Request {
         method: method.as_str().to_string(),

@@ -110,6 +110,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     engine.start(config.as_deref(), true)?;
 
+    let reads = engine.reads();
     let (tx, mut rx) = mpsc::channel::<Job>(1024);
     let busy = Arc::new(AtomicBool::new(false));
     let writer_busy = busy.clone();
@@ -185,7 +186,7 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let stop = signals(config_path, tx.clone())?;
         tracing::info!(%addr, connections = limit, nofile, "API listening");
-        api::serve(listener, api::router(key, tx), limit, stop).await;
+        api::serve(listener, api::router(key, tx, reads), limit, stop).await;
         Ok::<(), String>(())
     })?;
     // The server has answered the requests it could within its grace; a change the

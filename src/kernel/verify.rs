@@ -28,13 +28,14 @@ const SUBSYS: u16 = 10;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
 const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_GETSET: u16 = 10;
-const NFT_MSG_GETSETELEM: u16 = 13;
-const NFT_MSG_GETOBJ: u16 = 19;
+pub(crate) const NFT_MSG_GETSETELEM: u16 = 13;
+pub(crate) const NFT_MSG_GETOBJ: u16 = 19;
 /// `NFT_SET_ANONYMOUS`.
 const SET_ANONYMOUS: u32 = 0x1;
 /// `NFT_SET_MAP`.
@@ -361,7 +362,7 @@ fn comment_of(udata: &[u8]) -> Option<String> {
     None
 }
 
-fn nfproto(f: TableFamily) -> u8 {
+pub(crate) fn nfproto(f: TableFamily) -> u8 {
     match f {
         TableFamily::Ip => libc::NFPROTO_IPV4 as u8,
         TableFamily::Ip6 => libc::NFPROTO_IPV6 as u8,
@@ -369,7 +370,7 @@ fn nfproto(f: TableFamily) -> u8 {
     }
 }
 
-fn nul_terminated(s: &str) -> Vec<u8> {
+pub(crate) fn nul_terminated(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
     v
@@ -381,7 +382,7 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
-fn be32(b: &[u8]) -> u32 {
+pub(crate) fn be32(b: &[u8]) -> u32 {
     b.get(..4)
         .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
         .unwrap_or(0)
@@ -413,15 +414,15 @@ pub(crate) fn attr_str(data: &[u8], ty: u16) -> Option<String> {
     attr(data, ty).map(text)
 }
 
-/// A `NETLINK_NETFILTER` socket for dump requests.
-struct Dumper {
+/// A `NETLINK_NETFILTER` socket for dump (and get) requests.
+pub(crate) struct Dumper {
     sock: Socket,
     seq: u32,
     buf: Vec<u8>,
 }
 
 impl Dumper {
-    fn new() -> Result<Self, KernelError> {
+    pub(crate) fn new() -> Result<Self, KernelError> {
         let unavailable = |e: io::Error| KernelError::Unavailable(format!("netlink: {e}"));
         let mut sock = Socket::new(NETLINK_NETFILTER).map_err(unavailable)?;
         sock.bind_auto().map_err(unavailable)?;
@@ -435,10 +436,33 @@ impl Dumper {
 
     /// Runs one dump request and hands each answer's attributes (after the nfgenmsg
     /// header) to `each`. `ENOENT` (nothing of that kind) is an empty dump.
-    fn dump(
+    pub(crate) fn dump(
         &mut self,
         family: u8,
         msg: u16,
+        attrs: &[(u16, &[u8])],
+        each: impl FnMut(&[u8]),
+    ) -> Result<(), KernelError> {
+        self.talk(family, msg, NLM_F_REQUEST | NLM_F_DUMP, attrs, each)
+    }
+
+    /// Runs one get request (one object, acknowledged) and hands the answer's attributes
+    /// to `each`. `ENOENT` (no such object) calls `each` never.
+    pub(crate) fn get(
+        &mut self,
+        family: u8,
+        msg: u16,
+        attrs: &[(u16, &[u8])],
+        each: impl FnMut(&[u8]),
+    ) -> Result<(), KernelError> {
+        self.talk(family, msg, NLM_F_REQUEST | NLM_F_ACK, attrs, each)
+    }
+
+    fn talk(
+        &mut self,
+        family: u8,
+        msg: u16,
+        flags: u16,
         attrs: &[(u16, &[u8])],
         mut each: impl FnMut(&[u8]),
     ) -> Result<(), KernelError> {
@@ -448,7 +472,7 @@ impl Dumper {
         let mut req = Vec::with_capacity(64);
         req.extend_from_slice(&0u32.to_ne_bytes());
         req.extend_from_slice(&((SUBSYS << 8) | msg).to_ne_bytes());
-        req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+        req.extend_from_slice(&flags.to_ne_bytes());
         req.extend_from_slice(&seq.to_ne_bytes());
         req.extend_from_slice(&0u32.to_ne_bytes());
         req.extend_from_slice(&[family, 0, 0, 0]);
