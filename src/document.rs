@@ -90,8 +90,11 @@ fn field<T>(v: &Value, key: &str, ctx: &str, f: impl FnOnce(&str) -> ValueResult
 
 fn uint(min: u32) -> impl Fn(&str) -> ValueResult<u32> {
     move |s: &str| {
-        let n: u32 = s
-            .trim()
+        let t = s.trim();
+        if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) && t.parse::<u32>().is_err() {
+            return Err(format!("must be at most {}", u32::MAX));
+        }
+        let n: u32 = t
             .parse()
             .map_err(|_| format!("must be an integer >= {min}"))?;
         if n < min {
@@ -99,6 +102,31 @@ fn uint(min: u32) -> impl Fn(&str) -> ValueResult<u32> {
         }
         Ok(n)
     }
+}
+
+/// An integer in `min..=max`; `max` is what the kernel (or nft) accepts where the value
+/// reaches it, and the message says so.
+fn uint_in(min: u32, max: u32, unit: &'static str) -> impl Fn(&str) -> ValueResult<u32> {
+    move |s: &str| {
+        let t = s.trim();
+        let n: u64 = match t.parse() {
+            Ok(n) => n,
+            Err(_) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => u64::MAX,
+            Err(_) => return Err(format!("must be an integer from {min} to {max}{unit}")),
+        };
+        if n < u64::from(min) {
+            return Err(format!("must be >= {min}"));
+        }
+        if n > u64::from(max) {
+            return Err(format!("must be at most {max}{unit}"));
+        }
+        Ok(n as u32)
+    }
+}
+
+/// A timeout in seconds, as nft accepts it.
+fn ttl(s: &str) -> ValueResult<u32> {
+    uint_in(0, MAX_TTL, " (seconds)")(s)
 }
 
 fn opt_ip(s: &str) -> ValueResult<Option<IpAddr>> {
@@ -395,7 +423,7 @@ fn apply_policy(state: &mut State, v: &Value, mode: &ApplyMode) -> DResult<()> {
             for (key, val) in eobj {
                 match key.as_str() {
                     "data" => data = Some(field(val, key, &ctx, |s| parse_element(s, p.family))?),
-                    "time" => time = field(val, key, &ctx, |s| Ok(s.to_string()))?,
+                    "time" => time = field(val, key, &ctx, parse_text(MAX_TEXT_LEN))?,
                     "counter-packets" | "counter-bytes" => {}
                     _ => return Err(unknown_key(key, &format!("an element of {ctx}"))),
                 }
@@ -499,7 +527,7 @@ fn apply_address(
                     }
                 }
             }
-            "fqdn" => a.fqdn = field(val, key, &ctx, |s| Ok(s.to_string()))?,
+            "fqdn" => a.fqdn = field(val, key, &ctx, parse_text(MAX_FQDN_LEN))?,
             _ => return Err(unknown_key(key, &ctx)),
         }
     }
@@ -664,7 +692,7 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
                 }
                 farm.persistence = p;
             }
-            "persist-ttl" => farm.persist_ttl = field(val, key, &ctx, uint(0))?,
+            "persist-ttl" => farm.persist_ttl = field(val, key, &ctx, ttl)?,
             "helper" => farm.helper = field(val, key, &ctx, Helper::parse)?,
             "log" => farm.log = field(val, key, &ctx, |s| LogFlags::parse(s, true))?,
             "log-prefix" => farm.log_prefix = field(val, key, &ctx, opt_prefix)?,
@@ -688,7 +716,7 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
                     }
                 }
             }
-            "limits-ttl" => farm.limits_ttl = field(val, key, &ctx, uint(0))?,
+            "limits-ttl" => farm.limits_ttl = field(val, key, &ctx, ttl)?,
             "new-rtlimit" => farm.new_rtlimit = field(val, key, &ctx, Rate::parse)?,
             "new-rtlimit-burst" => farm.new_rtlimit_burst = field(val, key, &ctx, uint(0))?,
             "new-rtlimit-log-prefix" => {
@@ -722,7 +750,7 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
             "verdict" => farm.verdict = field(val, key, &ctx, |s| VerdictFlags::parse(s, false))?,
             "flow-offload" => farm.flow_offload = field(val, key, &ctx, parse_switch)?,
             "intra-connect" => farm.intra_connect = field(val, key, &ctx, parse_switch)?,
-            "fqdn" => farm.fqdn = field(val, key, &ctx, |s| Ok(s.to_string()))?,
+            "fqdn" => farm.fqdn = field(val, key, &ctx, parse_text(MAX_FQDN_LEN))?,
             _ => return Err(unknown_key(key, &ctx)),
         }
     }
@@ -872,7 +900,7 @@ fn apply_backend(farm: &mut Farm, v: &Value, fctx: &str, cfg: &ParseConfig) -> D
                     }
                 }
             }
-            "fqdn" => b.fqdn = field(val, key, &ctx, |s| Ok(s.to_string()))?,
+            "fqdn" => b.fqdn = field(val, key, &ctx, parse_text(MAX_FQDN_LEN))?,
             // Read-only (GET shows why an ingress backend cannot be used).
             "config-error" => {}
             _ => return Err(unknown_key(key, &ctx)),

@@ -553,6 +553,19 @@ impl State {
                 ));
             }
         }
+        for (key, rate, burst) in [
+            ("new-rtlimit", farm.new_rtlimit, farm.new_rtlimit_burst),
+            ("rst-rtlimit", farm.rst_rtlimit, farm.rst_rtlimit_burst),
+        ] {
+            if let Some(max) = rate.max_burst() {
+                if u64::from(burst) > max {
+                    return Err(format!(
+                        "Invalid value '{burst}' of key '{key}-burst' in farm '{}': must be at most {max} with {key} {rate} (the kernel's token bucket would overflow)",
+                        farm.name
+                    ));
+                }
+            }
+        }
         for s in &farm.sessions {
             if farm.backend_index(&s.backend).is_none() {
                 return Err(format!(
