@@ -73,6 +73,12 @@ fn short(s: &str) -> String {
 }
 
 fn bad(key: &str, val: &str, ctx: &str, why: impl std::fmt::Display) -> DocError {
+    // The reason may quote parts of the value: it is cut too (a reply stays small).
+    let why = why.to_string();
+    let why = match why.char_indices().nth(512) {
+        Some((i, _)) => format!("{}...", &why[..i]),
+        None => why,
+    };
     DocError::Invalid(format!(
         "Invalid value '{}' of key '{}' in {}: {}",
         short(val),
@@ -961,7 +967,7 @@ pub fn parse_session_client(farm: &Farm, s: &str) -> ValueResult<String> {
             "srcport" | "dstport" => {
                 let n: u16 = p
                     .parse()
-                    .map_err(|_| format!("'{p}' is not a port number"))?;
+                    .map_err(|_| format!("'{}' is not a port number", clip(p)))?;
                 n.to_string()
             }
             _ => Mac::parse(p)?.to_string(),

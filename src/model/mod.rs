@@ -314,7 +314,7 @@ pub fn parse_element(s: &str, family: Family) -> ValueResult<String> {
         Some(p) => {
             let n: u8 = p
                 .parse()
-                .map_err(|_| format!("prefix '{p}' is not a number"))?;
+                .map_err(|_| format!("prefix '{}' is not a number", clip(p)))?;
             if n > max {
                 return Err(format!("prefix /{n} is longer than {max}"));
             }

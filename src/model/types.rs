@@ -26,6 +26,16 @@ pub const MAX_LOG_PREFIX_LEN: usize = 127;
 /// digits per time unit (`timeout 100000000s` is "value too large"), about 3.2 years.
 pub const MAX_TTL: u32 = 99_999_999;
 
+/// A part of a refused value for an error message: at most 64 characters, so that a
+/// huge value does not make a huge reply.
+pub fn clip(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        None => s.to_string(),
+        Some((i, _)) => format!("{}...", &s[..i]),
+    }
+}
+
 /// Validates an object name: 1..=128 characters of `[A-Za-z0-9_.-]`, starting with a
 /// letter, digit or underscore. Kernel object names always put a fixed prefix before
 /// a name (a name may start with a digit, which nft identifiers may not).
@@ -174,7 +184,7 @@ fn parse_port(s: &str) -> ValueResult<u16> {
     let p: u32 = s
         .trim()
         .parse()
-        .map_err(|_| format!("'{s}' is not a port number"))?;
+        .map_err(|_| format!("'{}' is not a port number", clip(s)))?;
     if p == 0 || p > 65535 {
         return Err(format!("port {p} is out of range 1-65535"));
     }
@@ -195,7 +205,10 @@ impl Ports {
                 Some((a, b)) => {
                     let (lo, hi) = (parse_port(a)?, parse_port(b)?);
                     if lo > hi {
-                        return Err(format!("range '{part}' has its first port above its last"));
+                        return Err(format!(
+                            "range '{}' has its first port above its last",
+                            clip(part)
+                        ));
                     }
                     PortRange { lo, hi }
                 }
@@ -367,7 +380,8 @@ impl<const K: usize> Flags<K> {
                 Some(i) => bits |= 1 << i,
                 None => {
                     return Err(format!(
-                        "'{w}' is not one of {}{}",
+                        "'{}' is not one of {}{}",
+                        clip(w),
                         Self::names().join(" "),
                         if allow_none { " none" } else { "" }
                     ))
@@ -506,9 +520,9 @@ impl Rate {
         let n = n.trim();
         let count: u32 = n.parse().map_err(|_| {
             if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
-                format!("'{n}' is larger than {}", u32::MAX)
+                format!("'{}' is larger than {}", clip(n), u32::MAX)
             } else {
-                format!("'{n}' is not a non-negative integer")
+                format!("'{}' is not a non-negative integer", clip(n))
             }
         })?;
         let unit = match u.trim() {
@@ -519,7 +533,8 @@ impl Rate {
             "week" => RateUnit::Week,
             other => {
                 return Err(format!(
-                    "unit '{other}' is not one of second, minute, hour, day, week"
+                    "unit '{}' is not one of second, minute, hour, day, week",
+                    clip(other)
                 ))
             }
         };
