@@ -604,6 +604,20 @@ fn out_of_range_values_are_named_in_the_reply() {
     );
     assert_eq!(r.status, 400, "{}", tail(&r.text(), 300));
     assert!(r.body.len() < 1024, "a {}-byte reply", r.body.len());
+    // A list of 65,535 ports is refused at once (its pairwise overlap check held the
+    // writer for 26 s).
+    let ports: Vec<String> = (1..=65535).map(|p| p.to_string()).collect();
+    let t = std::time::Instant::now();
+    let (st, body) = d.post(
+        "/farms",
+        &json!({"farms": [{"name": "good", "virtual-ports": ports.join(",")}]}),
+    );
+    assert_eq!(st, 400, "{body}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        t.elapsed()
+    );
 }
 
 /// Kernel object names are valid and unique whatever the names: a farm name starting
