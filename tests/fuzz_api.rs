@@ -192,9 +192,12 @@ fn value_for(key: &'static str) -> BoxedStrategy<Value> {
         "type" => sel(&["blacklist", "whitelist"]),
         "route" => sel(&["in", "out"]),
         "iface" | "oface" => sel(&["lo", "eth0", "abcdefghijklmnop", "a b"]),
-        "ether-addr" | "iether-addr" | "oether-addr" => {
-            sel(&["02:00:00:00:00:01", "02:00:00:00:00", "zz:00:00:00:00:01"])
-        }
+        "ether-addr" | "iether-addr" | "oether-addr" => sel(&[
+            "02:00:00:00:00:01",
+            "02:00:00:00:00:02",
+            "02:00:00:00:00",
+            "zz:00:00:00:00:01",
+        ]),
         "new-rtlimit" | "rst-rtlimit" | "log-rtlimit" => (
             int_text(),
             prop::sample::select(vec![
@@ -854,7 +857,7 @@ fn run_sequence(ns: &NetNs, d: &Daemon, reqs: &[Req]) -> Result<(), TestCaseErro
     if accepted > 0 {
         // A daemon started on the saved state in a fresh namespace shows the same state
         // and builds the same rules: what was accepted is in the kernel and the file.
-        let ns2 = NetNs::new("fuzzb");
+        let ns2 = fuzz_ns("fuzzb");
         let d2 = Daemon::start_from_state(&ns2, d);
         let (s1, s2) = (
             state_of(d).map_err(TestCaseError::fail)?,
@@ -879,6 +882,28 @@ fn run_sequence(ns: &NetNs, d: &Daemon, reqs: &[Req]) -> Result<(), TestCaseErro
     Ok(())
 }
 
+/// A namespace with an interface `eth0` (fixed MAC, a veth whose peer stays in the namespace) holding the seed's virtual addresses
+/// and the backends' network, so that ingress farms (`dsr`, `stlsdnat`) with backend
+/// `ether-addr` are rendered too.
+fn fuzz_ns(tag: &str) -> NetNs {
+    let ns = NetNs::new(tag);
+    let link = "link add eth0 address 02:00:00:00:00:f1 type veth peer name peer0 address 02:00:00:00:00:f2";
+    ns.ip(&link.split(' ').collect::<Vec<_>>());
+    ns.ip(&["link", "set", "peer0", "up"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    for a in [
+        "198.18.0.1/24",
+        "198.18.0.2/32",
+        "198.18.0.200/32",
+        "198.18.1.1/24",
+        "2001:2::1/64",
+        "2001:2:0:1::1/64",
+    ] {
+        ns.ip(&["addr", "add", a, "dev", "eth0"]);
+    }
+    ns
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
@@ -894,7 +919,7 @@ fn api_survives_generated_requests() {
     let strategy = prop::collection::vec(request(), 1..16);
     loop {
         // A fresh namespace and daemon for each round (after a failure it may be dead).
-        let ns = NetNs::new("fuzz");
+        let ns = fuzz_ns("fuzz");
         let d = Daemon::start(&ns);
         let config = Config {
             cases,
