@@ -33,6 +33,18 @@ fn invalid<T>(msg: impl Into<String>) -> DResult<T> {
 pub struct ParseConfig {
     /// The masquerade mark (`-m`); user marks must not overlap it.
     pub masquerade_mark: u32,
+    /// The document is the daemon's own state file: limits that came after it was
+    /// written and that the kernel does not need (lengths of stored-only text, the
+    /// bucket count of `rr` farms) are not applied, so that a state saved by an older
+    /// version still loads.
+    pub stored: bool,
+}
+
+impl ParseConfig {
+    /// The longest stored-only text accepted: `max`, or any for the state file.
+    fn text(&self, max: usize) -> impl Fn(&str) -> ValueResult<String> {
+        parse_text(if self.stored { usize::MAX } else { max })
+    }
 }
 
 /// What a document does to the objects it names.
@@ -218,13 +230,13 @@ fn apply_item(
     cfg: &ParseConfig,
 ) -> DResult<()> {
     match kind {
-        "policies" => apply_policy(state, item, mode),
+        "policies" => apply_policy(state, item, mode, cfg),
         "addresses" => {
             let obj = as_object(item, "An address")?;
             if *mode != ApplyMode::Upsert {
                 return invalid("Only policies can be changed by this request");
             }
-            apply_address(state, obj, true, false).map(|_| ())
+            apply_address(state, obj, true, cfg).map(|_| ())
         }
         _ => match mode {
             ApplyMode::Upsert => apply_farm(state, item, cfg),
@@ -350,7 +362,7 @@ fn policy_refs(state: &State, list: &[Value], ctx: &str) -> DResult<Vec<String>>
     Ok(out)
 }
 
-fn apply_policy(state: &mut State, v: &Value, mode: &ApplyMode) -> DResult<()> {
+fn apply_policy(state: &mut State, v: &Value, mode: &ApplyMode, cfg: &ParseConfig) -> DResult<()> {
     let obj = as_object(v, "A policy")?;
     let name = name_of(obj, "name", "policy")?;
     let ctx = format!("policy '{name}'");
@@ -429,7 +441,7 @@ fn apply_policy(state: &mut State, v: &Value, mode: &ApplyMode) -> DResult<()> {
             for (key, val) in eobj {
                 match key.as_str() {
                     "data" => data = Some(field(val, key, &ctx, |s| parse_element(s, p.family))?),
-                    "time" => time = field(val, key, &ctx, parse_text(MAX_TEXT_LEN))?,
+                    "time" => time = field(val, key, &ctx, cfg.text(MAX_TEXT_LEN))?,
                     "counter-packets" | "counter-bytes" => {}
                     _ => return Err(unknown_key(key, &format!("an element of {ctx}"))),
                 }
@@ -496,7 +508,7 @@ fn apply_address(
     state: &mut State,
     obj: &Map<String, Value>,
     top_level: bool,
-    _in_farm: bool,
+    cfg: &ParseConfig,
 ) -> DResult<String> {
     let name = name_of(obj, "name", "address")?;
     let ctx = format!("address '{name}'");
@@ -533,7 +545,7 @@ fn apply_address(
                     }
                 }
             }
-            "fqdn" => a.fqdn = field(val, key, &ctx, parse_text(MAX_FQDN_LEN))?,
+            "fqdn" => a.fqdn = field(val, key, &ctx, cfg.text(MAX_FQDN_LEN))?,
             _ => return Err(unknown_key(key, &ctx)),
         }
     }
@@ -609,7 +621,7 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
                     "Key 'policies' is not allowed in the addresses of {ctx}; attach policies to the farm or to a top-level address"
                 ));
             }
-            let aname = apply_address(state, aobj, false, true)?;
+            let aname = apply_address(state, aobj, false, cfg)?;
             if !farm.addresses.contains(&aname) {
                 farm.addresses.push(aname);
             }
@@ -756,7 +768,7 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
             "verdict" => farm.verdict = field(val, key, &ctx, |s| VerdictFlags::parse(s, false))?,
             "flow-offload" => farm.flow_offload = field(val, key, &ctx, parse_switch)?,
             "intra-connect" => farm.intra_connect = field(val, key, &ctx, parse_switch)?,
-            "fqdn" => farm.fqdn = field(val, key, &ctx, parse_text(MAX_FQDN_LEN))?,
+            "fqdn" => farm.fqdn = field(val, key, &ctx, cfg.text(MAX_FQDN_LEN))?,
             _ => return Err(unknown_key(key, &ctx)),
         }
     }
@@ -774,6 +786,9 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
         for b in as_array(list, "backends", &ctx)? {
             apply_backend(&mut farm, b, &ctx, cfg)?;
         }
+    }
+    if !cfg.stored && (obj.contains_key("backends") || obj.contains_key("scheduler")) {
+        farm.check_rr_buckets().map_err(DocError::Invalid)?;
     }
     // 5. Static sessions.
     if let Some(list) = obj.get("sessions") {
@@ -906,7 +921,7 @@ fn apply_backend(farm: &mut Farm, v: &Value, fctx: &str, cfg: &ParseConfig) -> D
                     }
                 }
             }
-            "fqdn" => b.fqdn = field(val, key, &ctx, parse_text(MAX_FQDN_LEN))?,
+            "fqdn" => b.fqdn = field(val, key, &ctx, cfg.text(MAX_FQDN_LEN))?,
             // Read-only (GET shows why an ingress backend cannot be used).
             "config-error" => {}
             _ => return Err(unknown_key(key, &ctx)),
@@ -1413,6 +1428,7 @@ mod tests {
 
     const CFG: ParseConfig = ParseConfig {
         masquerade_mark: 0x8000_0000,
+        stored: false,
     };
 
     /// Applying JSON text object by object gives what applying its tree gives: the same
@@ -1517,6 +1533,39 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, DocError::Unknown(_)), "{e:?}");
+    }
+
+    /// Limits the kernel does not need apply to requests, not to the daemon's own state
+    /// file (an older version saved what it accepted).
+    #[test]
+    fn newer_limits_spare_the_state_file() {
+        let weights: Vec<Value> = (0..8)
+            .map(
+                |i| json!({"name": format!("b{i}"), "ip-addr": "198.18.1.1", "weight": 10_000 - i}),
+            )
+            .collect();
+        let doc = json!({
+            "farms": [{"name": "f", "fqdn": "a".repeat(300), "scheduler": "rr", "backends": weights,
+                       "addresses": [{"name": "x", "fqdn": "b".repeat(300)}]}],
+            "policies": [{"name": "p", "elements": [{"data": "198.18.9.9", "time": "t".repeat(300)}]}]});
+        let e = post(&mut State::default(), doc.clone()).unwrap_err();
+        assert!(e.to_string().contains("is 300 bytes long"), "{e}");
+        let stored = ParseConfig {
+            stored: true,
+            ..CFG
+        };
+        let mut st = State::default();
+        apply_document(&mut st, &doc, &ApplyMode::Upsert, &stored).unwrap();
+        assert_eq!(st.farms["f"].fqdn.len(), 300);
+        // The rr farm's 79,972 buckets are refused in a request.
+        let mut f = doc["farms"][0].clone();
+        f.as_object_mut().unwrap().remove("fqdn");
+        f.as_object_mut().unwrap().remove("addresses");
+        let e = post(&mut State::default(), json!({"farms": [f]})).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Invalid value '10000' of key 'weight' in backend 'b0' of farm 'f': the rr scheduler needs one bucket per unit of weight (weights divided by their greatest common divisor): 79972 buckets, at most 65536; use smaller weights or the weight scheduler"
+        );
     }
 
     #[test]

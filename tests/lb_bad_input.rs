@@ -280,6 +280,20 @@ fn cases() -> Vec<Case> {
     ] {
         c.push(post_json(what, json!({ "farms": [f] })));
     }
+    // An rr farm needs one bucket per unit of weight (after the common divisor): 8
+    // co-prime weights near 10,000 would be 79,972 map elements.
+    let heavy: Vec<serde_json::Value> = (0..8)
+        .map(|i| {
+            with(
+                bck(&format!("w{i}"), "198.18.1.13"),
+                &[("weight", &(10_000 - i).to_string())],
+            )
+        })
+        .collect();
+    c.push(post_json(
+        "rr farm of 79,972 buckets",
+        json!({"farms": [{"name": "good", "backends": heavy}]}),
+    ));
     // Free text longer than its limit.
     for (what, v) in [
         (

@@ -218,6 +218,25 @@ impl Farm {
         }
     }
 
+    /// An error naming the key if an `rr` farm needs more than [`MAX_RR_BUCKETS`]
+    /// buckets: one (a map element) per unit of weight, after dividing the weights by
+    /// their greatest common divisor (co-prime weights of 10,000 made a million elements
+    /// of 100 backends, 45 s to apply).
+    pub fn check_rr_buckets(&self) -> Result<(), String> {
+        if self.scheduler != Scheduler::Rr {
+            return Ok(());
+        }
+        let g = self.backends.iter().fold(0, |g, b| gcd(g, b.weight)).max(1);
+        let total: u64 = self.backends.iter().map(|b| u64::from(b.weight / g)).sum();
+        match self.backends.iter().max_by_key(|b| b.weight) {
+            Some(b) if total > MAX_RR_BUCKETS => Err(format!(
+                "Invalid value '{}' of key 'weight' in backend '{}' of farm '{}': the rr scheduler needs one bucket per unit of weight (weights divided by their greatest common divisor): {total} buckets, at most {MAX_RR_BUCKETS}; use smaller weights or the weight scheduler",
+                b.weight, b.name, self.name
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Index of the backend called `name`.
     pub fn backend_index(&self, name: &str) -> Option<usize> {
         self.backends.iter().position(|b| b.name == name)
@@ -598,6 +617,18 @@ impl State {
             .next()
             .map(|a| a.protocol)
             .unwrap_or_default()
+    }
+}
+
+/// Most buckets of an `rr` farm (the sum of its weights divided by their greatest
+/// common divisor).
+pub const MAX_RR_BUCKETS: u64 = 1 << 16;
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 

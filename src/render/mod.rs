@@ -1572,6 +1572,7 @@ pub(crate) mod tests {
             &ApplyMode::Upsert,
             &ParseConfig {
                 masquerade_mark: 0x8000_0000,
+                stored: false,
             },
         )
         .unwrap();
