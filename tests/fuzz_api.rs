@@ -9,7 +9,7 @@
 //! a fresh namespace must show the same state and build the same ruleset (the kernel
 //! holds what was accepted).
 //!
-//! By default 40 sequences (about 20 s here). `NFTLB_FUZZ_SECS=3600` runs for an
+//! By default 30 sequences (about 20 s here). `NFTLB_FUZZ_SECS=3600` runs for an
 //! hour, collecting every failure (shrunk) instead of stopping at the first;
 //! `NFTLB_FUZZ_CASES` sets the number of sequences per round, `NFTLB_FUZZ_LOG` a file
 //! that gets each failure as it is found.
@@ -655,9 +655,32 @@ fn state_of(d: &Daemon) -> Result<[Vec<u8>; 3], String> {
                 tail(&r.text(), 300)
             ));
         }
-        out[i] = r.body;
+        out[i] = without_live_notes(&r.body);
     }
     Ok(out)
+}
+
+/// A GET document without `config-error` texts: they tell how neighbour resolution is
+/// going on the live network ("unknown yet", then "does not answer"), which changes
+/// without any request.
+fn without_live_notes(body: &[u8]) -> Vec<u8> {
+    fn strip(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                m.remove("config-error");
+                m.values_mut().for_each(strip);
+            }
+            Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(mut v) => {
+            strip(&mut v);
+            serde_json::to_vec_pretty(&v).unwrap_or_default()
+        }
+        Err(_) => body.to_vec(),
+    }
 }
 
 /// The ruleset as a sorted list of objects (handles dropped, set elements sorted, the
@@ -911,7 +934,7 @@ fn env_u64(name: &str) -> Option<u64> {
 #[test]
 fn api_survives_generated_requests() {
     let secs = env_u64("NFTLB_FUZZ_SECS");
-    let cases = env_u64("NFTLB_FUZZ_CASES").unwrap_or(if secs.is_some() { 50 } else { 40 }) as u32;
+    let cases = env_u64("NFTLB_FUZZ_CASES").unwrap_or(if secs.is_some() { 50 } else { 30 }) as u32;
     let deadline = secs.map(|s| Instant::now() + Duration::from_secs(s));
     let log_file = std::env::var("NFTLB_FUZZ_LOG").ok();
     let started = Instant::now();
