@@ -510,7 +510,19 @@ fn apply_address(
     top_level: bool,
     cfg: &ParseConfig,
 ) -> DResult<String> {
-    let name = name_of(obj, "name", "address")?;
+    // Older versions named a 128-character farm's address `FARM-addr` (133 characters):
+    // such names are read from the state file.
+    let name = match cfg.stored {
+        false => name_of(obj, "name", "address")?,
+        true => {
+            let v = obj.get("name").ok_or_else(|| {
+                DocError::Invalid("Key 'name' is required in every address object".into())
+            })?;
+            field(v, "name", "address", |s| {
+                parse_name_max(s, MAX_STORED_NAME_LEN)
+            })?
+        }
+    };
     let ctx = format!("address '{name}'");
     let exists = state.addresses.contains_key(&name);
     let mut a = state
@@ -621,7 +633,15 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
                     "Key 'policies' is not allowed in the addresses of {ctx}; attach policies to the farm or to a top-level address"
                 ));
             }
+            let given = aobj.get("name").map(|v| scalar(v, "name", "address"));
             let aname = apply_address(state, aobj, false, cfg)?;
+            // Renamed with `newname`: this farm's copy of its list follows too (the
+            // other farms were changed in the state; this one is written back below).
+            if let Some(Ok(old)) = given.filter(|_| aobj.contains_key("newname")) {
+                for x in farm.addresses.iter_mut().filter(|x| **x == old) {
+                    x.clone_from(&aname);
+                }
+            }
             if !farm.addresses.contains(&aname) {
                 farm.addresses.push(aname);
             }
@@ -633,11 +653,10 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
         let aname = match farm.addresses.first() {
             Some(a) => a.clone(),
             None => {
-                let base = format!("{name}-addr");
-                let mut candidate = base.clone();
+                let mut candidate = auto_address(&name, "");
                 let mut n = 1;
                 while state.addresses.contains_key(&candidate) {
-                    candidate = format!("{base}-{n}");
+                    candidate = auto_address(&name, &format!("-{n}"));
                     n += 1;
                 }
                 state.addresses.insert(
@@ -651,7 +670,11 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
                 candidate
             }
         };
-        let mut a = Address::clone(&state.addresses[&aname]);
+        let old = state.addresses.get(&aname).cloned();
+        let mut a = old.as_deref().cloned().unwrap_or_else(|| Address {
+            name: aname.clone(),
+            ..Default::default()
+        });
         for key in LEGACY_ADDRESS_KEYS {
             let Some(val) = obj.get(key) else { continue };
             match key {
@@ -677,7 +700,7 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
             }
         }
         // Unchanged addresses stay shared (and out of the change log's real changes).
-        if *state.addresses[&aname] != a {
+        if old.as_deref() != Some(&a) {
             state.addresses.insert(aname, Arc::new(a));
         }
     }
@@ -817,6 +840,16 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
     Ok(())
 }
 
+/// The name of the address a farm's legacy keys create: `FARM-addr` and `suffix`, the
+/// farm's name cut so that it is a valid name (at most 128 characters: a 128-character
+/// farm's `-addr` made a state file that could not be loaded).
+fn auto_address(farm: &str, suffix: &str) -> String {
+    let tail = format!("-addr{suffix}");
+    // Names are ASCII (validated).
+    let keep = farm.len().min(MAX_NAME_LEN.saturating_sub(tail.len()));
+    format!("{}{tail}", &farm[..keep])
+}
+
 fn user_mark(s: &str, cfg: &ParseConfig) -> ValueResult<Mark> {
     let m = Mark::parse(s)?;
     if m.0 & cfg.masquerade_mark != 0 {
@@ -841,7 +874,7 @@ fn rename_farm(state: &mut State, old: &str, new: &str) -> DResult<()> {
         .farms
         .rename(old, new, |f| Arc::make_mut(f).name = new.to_string());
     // The automatic address follows the farm's name.
-    let (old_auto, new_auto) = (format!("{old}-addr"), format!("{new}-addr"));
+    let (old_auto, new_auto) = (auto_address(old, ""), auto_address(new, ""));
     if state.addresses.contains_key(&old_auto)
         && !state.addresses.contains_key(&new_auto)
         && state.address_used(&old_auto) == 1
@@ -1566,6 +1599,63 @@ mod tests {
             e.to_string(),
             "Invalid value '10000' of key 'weight' in backend 'b0' of farm 'f': the rr scheduler needs one bucket per unit of weight (weights divided by their greatest common divisor): 79972 buckets, at most 65536; use smaller weights or the weight scheduler"
         );
+    }
+
+    /// A farm's automatic address gets a valid name whatever the farm's name, and a state
+    /// of an older version (a 133-character `FARM-addr`) still loads.
+    #[test]
+    fn automatic_address_names_are_valid() {
+        let long = "f".repeat(128);
+        let mut st = State::default();
+        post(
+            &mut st,
+            json!({"addresses": [{"name": format!("{}-addr", "f".repeat(123))}],
+                   "farms": [{"name": long, "virtual-addr": "198.18.0.1"}]}),
+        )
+        .unwrap();
+        let a = &st.farms[&long].addresses[0];
+        assert_eq!(a, &format!("{}-addr-1", "f".repeat(121)));
+        let mut again = State::default();
+        post(&mut again, state_document(&st)).unwrap();
+        assert_eq!(st, again);
+        // Renamed, the address follows within the limit.
+        post(
+            &mut st,
+            json!({"farms": [{"name": long, "newname": "g".repeat(128)}]}),
+        )
+        .unwrap();
+        assert!(st.addresses.keys().all(|n| n.len() <= MAX_NAME_LEN));
+        // As an older version saved it.
+        let old = json!({"addresses": [{"name": format!("{long}-addr"), "ip-addr": "198.18.0.1"}],
+                         "farms": [{"name": long, "addresses": [{"name": format!("{long}-addr")}]}]});
+        assert!(post(&mut State::default(), old.clone()).is_err());
+        let stored = ParseConfig {
+            stored: true,
+            ..CFG
+        };
+        apply_document(&mut State::default(), &old, &ApplyMode::Upsert, &stored).unwrap();
+    }
+
+    /// An address renamed through the list of a farm that uses it: the farm follows.
+    /// (Its stale copy kept the old name; legacy keys then looked that name up and the
+    /// writer panicked.)
+    #[test]
+    fn address_renamed_in_a_farm_list() {
+        let mut st = State::default();
+        post(
+            &mut st,
+            json!({"farms": [{"name": "web", "virtual-addr": "198.18.0.1"}]}),
+        )
+        .unwrap();
+        post(
+            &mut st,
+            json!({"farms": [{"name": "web", "virtual-ports": "80",
+                   "addresses": [{"name": "web-addr", "newname": "x"}]}]}),
+        )
+        .unwrap();
+        assert_eq!(st.farms["web"].addresses, vec!["x".to_string()]);
+        assert_eq!(st.addresses["x"].ports.to_string(), "80");
+        assert!(st.addresses.get("web-addr").is_none());
     }
 
     #[test]

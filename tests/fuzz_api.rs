@@ -819,7 +819,7 @@ fn run_sequence(ns: &NetNs, d: &Daemon, reqs: &[Req]) -> Result<(), TestCaseErro
                     tail(&d.log(), 3000),
                     tail(&rs, 6000)
                 );
-                eprintln!("{why}");
+                report(&why);
                 return Err(TestCaseError::fail(why));
             }
         };
@@ -865,11 +865,16 @@ fn run_sequence(ns: &NetNs, d: &Daemon, reqs: &[Req]) -> Result<(), TestCaseErro
             }
             s => {
                 SERVER_ERR.fetch_add(1, Ordering::Relaxed);
-                return Err(TestCaseError::fail(format!(
-                    "status {s} for {}: {}",
-                    show(r),
-                    tail(&resp.text(), 1500)
-                )));
+                let why = format!("status {s} for {}: {}", show(r), tail(&resp.text(), 1500));
+                // Shrinking may not reproduce it (a dead writer answers 500 to anything):
+                // the whole sequence and the daemon's log, now.
+                let all: Vec<String> = reqs.iter().map(show).collect();
+                report(&format!(
+                    "FIRST SEEN: {why}\nsequence:\n{}\ndaemon log:\n{}",
+                    all.join("\n"),
+                    tail(&d.log(), 6000)
+                ));
+                return Err(TestCaseError::fail(why));
             }
         }
     }
@@ -925,6 +930,21 @@ fn fuzz_ns(tag: &str) -> NetNs {
         ns.ip(&["addr", "add", a, "dev", "eth0"]);
     }
     ns
+}
+
+/// Writes a finding to stderr and to `NFTLB_FUZZ_LOG`.
+fn report(text: &str) {
+    eprintln!("{text}\n");
+    if let Ok(p) = std::env::var("NFTLB_FUZZ_LOG") {
+        use std::io::Write;
+        if let Ok(mut fh) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+        {
+            let _ = writeln!(fh, "{text}\n");
+        }
+    }
 }
 
 fn env_u64(name: &str) -> Option<u64> {

@@ -699,3 +699,51 @@ fn kernel_object_names_are_valid_and_unique() {
     let f = d.farm(&"f".repeat(128));
     assert_eq!(f["policies"][0]["name"], "p".repeat(128), "{f}");
 }
+
+/// A farm with the longest name and legacy address keys leaves a state file that loads:
+/// its automatic address was named `FARM-addr`, 133 characters, which the daemon then
+/// refused at its next start.
+#[test]
+fn longest_farm_name_survives_a_restart() {
+    let lab = Lab::new(1);
+    let mut d = setup(&lab);
+    let long = "f".repeat(128);
+    d.apply(
+        &json!({"farms": [{"name": long, "virtual-addr": "198.18.0.101", "virtual-ports": "80",
+        "backends": [bck("be1", &be4(1))]}]}),
+    );
+    d.restart();
+    let f = d.farm(&long);
+    assert_eq!(f["virtual-addr"], "198.18.0.101", "{f}");
+}
+
+/// Renaming a farm's address through the farm's own list (found by tests/fuzz_api.rs):
+/// the farm kept the old name, and with a legacy key in the same object the writer
+/// thread panicked on the missing address; every later request got a 500.
+#[test]
+fn address_renamed_through_its_farm() {
+    let lab = Lab::new(2);
+    let d = setup(&lab);
+    let (st, body) = d.post(
+        "/farms",
+        &json!({"farms": [{"name": "good", "virtual-ports": "80",
+            "addresses": [{"name": "good-addr", "newname": "front"}]}]}),
+    );
+    assert_eq!(st, 200, "{body}");
+    let f = d.farm("good");
+    assert_eq!(f["virtual-addr"], VIP, "{f}");
+    let (st, body) = d.get("/addresses");
+    assert_eq!(st, 200, "{body}");
+    let names: Vec<&str> = body["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    assert_eq!(names, ["front"], "{body}");
+    let r = lab.tcp_many(VIP, 80, 2);
+    assert_eq!(
+        counts(&common::names(&r)),
+        expect_counts(&[("be1", 1), ("be2", 1)])
+    );
+}

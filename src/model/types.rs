@@ -40,12 +40,21 @@ pub fn clip(s: &str) -> String {
 /// letter, digit or underscore. Kernel object names always put a fixed prefix before
 /// a name (a name may start with a digit, which nft identifiers may not).
 pub fn parse_name(s: &str) -> ValueResult<String> {
+    parse_name_max(s, MAX_NAME_LEN)
+}
+
+/// Longest address name read from a state file: older versions derived `FARM-addr` from
+/// 128-character farm names. Kernel names made from it still fit nft's 255 bytes.
+pub const MAX_STORED_NAME_LEN: usize = 200;
+
+/// [`parse_name`] with another length limit.
+pub fn parse_name_max(s: &str, max: usize) -> ValueResult<String> {
     if s.is_empty() {
         return Err("must not be empty".into());
     }
-    if s.len() > MAX_NAME_LEN {
+    if s.len() > max {
         return Err(format!(
-            "is {} bytes long; names are at most {MAX_NAME_LEN} characters",
+            "is {} bytes long; names are at most {max} characters",
             s.len()
         ));
     }
