@@ -1595,6 +1595,16 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn kernel_names_fit_and_stay_distinct() {
+        assert_eq!(kname("pc-a/b".into()), "pc-a/b");
+        let a = kname(format!("pc-{}/{}", "p".repeat(128), "f".repeat(128)));
+        let b = kname(format!("pc-{}/{}", "p".repeat(128), "g".repeat(128)));
+        assert_eq!(a.len(), KNAME_MAX);
+        assert!(a.contains("//") && a != b, "{a}");
+        assert!(filter::helper_object("0", Helper::Ftp, "tcp").starts_with("cth-0/"));
+    }
+
+    #[test]
     fn snat_rr_two_backends() {
         let st = state(
             json!({"farms":[{"name":"lb01","virtual-addr":"198.18.0.100",
