@@ -33,6 +33,18 @@ fn invalid<T>(msg: impl Into<String>) -> DResult<T> {
 pub struct ParseConfig {
     /// The masquerade mark (`-m`); user marks must not overlap it.
     pub masquerade_mark: u32,
+    /// The document is the daemon's own state file: limits that came after it was
+    /// written and that the kernel does not need (lengths of stored-only text, the
+    /// bucket count of `rr` farms) are not applied, so that a state saved by an older
+    /// version still loads.
+    pub stored: bool,
+}
+
+impl ParseConfig {
+    /// The longest stored-only text accepted: `max`, or any for the state file.
+    fn text(&self, max: usize) -> impl Fn(&str) -> ValueResult<String> {
+        parse_text(if self.stored { usize::MAX } else { max })
+    }
 }
 
 /// What a document does to the objects it names.
@@ -73,6 +85,12 @@ fn short(s: &str) -> String {
 }
 
 fn bad(key: &str, val: &str, ctx: &str, why: impl std::fmt::Display) -> DocError {
+    // The reason may quote parts of the value: it is cut too (a reply stays small).
+    let why = why.to_string();
+    let why = match why.char_indices().nth(512) {
+        Some((i, _)) => format!("{}...", &why[..i]),
+        None => why,
+    };
     DocError::Invalid(format!(
         "Invalid value '{}' of key '{}' in {}: {}",
         short(val),
@@ -90,8 +108,11 @@ fn field<T>(v: &Value, key: &str, ctx: &str, f: impl FnOnce(&str) -> ValueResult
 
 fn uint(min: u32) -> impl Fn(&str) -> ValueResult<u32> {
     move |s: &str| {
-        let n: u32 = s
-            .trim()
+        let t = s.trim();
+        if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) && t.parse::<u32>().is_err() {
+            return Err(format!("must be at most {}", u32::MAX));
+        }
+        let n: u32 = t
             .parse()
             .map_err(|_| format!("must be an integer >= {min}"))?;
         if n < min {
@@ -99,6 +120,31 @@ fn uint(min: u32) -> impl Fn(&str) -> ValueResult<u32> {
         }
         Ok(n)
     }
+}
+
+/// An integer in `min..=max`; `max` is what the kernel (or nft) accepts where the value
+/// reaches it, and the message says so.
+fn uint_in(min: u32, max: u32, unit: &'static str) -> impl Fn(&str) -> ValueResult<u32> {
+    move |s: &str| {
+        let t = s.trim();
+        let n: u64 = match t.parse() {
+            Ok(n) => n,
+            Err(_) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => u64::MAX,
+            Err(_) => return Err(format!("must be an integer from {min} to {max}{unit}")),
+        };
+        if n < u64::from(min) {
+            return Err(format!("must be >= {min}"));
+        }
+        if n > u64::from(max) {
+            return Err(format!("must be at most {max}{unit}"));
+        }
+        Ok(n as u32)
+    }
+}
+
+/// A timeout in seconds, as nft accepts it.
+fn ttl(s: &str) -> ValueResult<u32> {
+    uint_in(0, MAX_TTL, " (seconds)")(s)
 }
 
 fn opt_ip(s: &str) -> ValueResult<Option<IpAddr>> {
@@ -184,13 +230,13 @@ fn apply_item(
     cfg: &ParseConfig,
 ) -> DResult<()> {
     match kind {
-        "policies" => apply_policy(state, item, mode),
+        "policies" => apply_policy(state, item, mode, cfg),
         "addresses" => {
             let obj = as_object(item, "An address")?;
             if *mode != ApplyMode::Upsert {
                 return invalid("Only policies can be changed by this request");
             }
-            apply_address(state, obj, true, false).map(|_| ())
+            apply_address(state, obj, true, cfg).map(|_| ())
         }
         _ => match mode {
             ApplyMode::Upsert => apply_farm(state, item, cfg),
@@ -316,7 +362,7 @@ fn policy_refs(state: &State, list: &[Value], ctx: &str) -> DResult<Vec<String>>
     Ok(out)
 }
 
-fn apply_policy(state: &mut State, v: &Value, mode: &ApplyMode) -> DResult<()> {
+fn apply_policy(state: &mut State, v: &Value, mode: &ApplyMode, cfg: &ParseConfig) -> DResult<()> {
     let obj = as_object(v, "A policy")?;
     let name = name_of(obj, "name", "policy")?;
     let ctx = format!("policy '{name}'");
@@ -395,7 +441,7 @@ fn apply_policy(state: &mut State, v: &Value, mode: &ApplyMode) -> DResult<()> {
             for (key, val) in eobj {
                 match key.as_str() {
                     "data" => data = Some(field(val, key, &ctx, |s| parse_element(s, p.family))?),
-                    "time" => time = field(val, key, &ctx, |s| Ok(s.to_string()))?,
+                    "time" => time = field(val, key, &ctx, cfg.text(MAX_TEXT_LEN))?,
                     "counter-packets" | "counter-bytes" => {}
                     _ => return Err(unknown_key(key, &format!("an element of {ctx}"))),
                 }
@@ -462,9 +508,21 @@ fn apply_address(
     state: &mut State,
     obj: &Map<String, Value>,
     top_level: bool,
-    _in_farm: bool,
+    cfg: &ParseConfig,
 ) -> DResult<String> {
-    let name = name_of(obj, "name", "address")?;
+    // Older versions named a 128-character farm's address `FARM-addr` (133 characters):
+    // such names are read from the state file.
+    let name = match cfg.stored {
+        false => name_of(obj, "name", "address")?,
+        true => {
+            let v = obj.get("name").ok_or_else(|| {
+                DocError::Invalid("Key 'name' is required in every address object".into())
+            })?;
+            field(v, "name", "address", |s| {
+                parse_name_max(s, MAX_STORED_NAME_LEN)
+            })?
+        }
+    };
     let ctx = format!("address '{name}'");
     let exists = state.addresses.contains_key(&name);
     let mut a = state
@@ -499,7 +557,7 @@ fn apply_address(
                     }
                 }
             }
-            "fqdn" => a.fqdn = field(val, key, &ctx, |s| Ok(s.to_string()))?,
+            "fqdn" => a.fqdn = field(val, key, &ctx, cfg.text(MAX_FQDN_LEN))?,
             _ => return Err(unknown_key(key, &ctx)),
         }
     }
@@ -575,7 +633,15 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
                     "Key 'policies' is not allowed in the addresses of {ctx}; attach policies to the farm or to a top-level address"
                 ));
             }
-            let aname = apply_address(state, aobj, false, true)?;
+            let given = aobj.get("name").map(|v| scalar(v, "name", "address"));
+            let aname = apply_address(state, aobj, false, cfg)?;
+            // Renamed with `newname`: this farm's copy of its list follows too (the
+            // other farms were changed in the state; this one is written back below).
+            if let Some(Ok(old)) = given.filter(|_| aobj.contains_key("newname")) {
+                for x in farm.addresses.iter_mut().filter(|x| **x == old) {
+                    x.clone_from(&aname);
+                }
+            }
             if !farm.addresses.contains(&aname) {
                 farm.addresses.push(aname);
             }
@@ -587,11 +653,10 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
         let aname = match farm.addresses.first() {
             Some(a) => a.clone(),
             None => {
-                let base = format!("{name}-addr");
-                let mut candidate = base.clone();
+                let mut candidate = auto_address(&name, "");
                 let mut n = 1;
                 while state.addresses.contains_key(&candidate) {
-                    candidate = format!("{base}-{n}");
+                    candidate = auto_address(&name, &format!("-{n}"));
                     n += 1;
                 }
                 state.addresses.insert(
@@ -605,7 +670,11 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
                 candidate
             }
         };
-        let mut a = Address::clone(&state.addresses[&aname]);
+        let old = state.addresses.get(&aname).cloned();
+        let mut a = old.as_deref().cloned().unwrap_or_else(|| Address {
+            name: aname.clone(),
+            ..Default::default()
+        });
         for key in LEGACY_ADDRESS_KEYS {
             let Some(val) = obj.get(key) else { continue };
             match key {
@@ -631,7 +700,7 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
             }
         }
         // Unchanged addresses stay shared (and out of the change log's real changes).
-        if *state.addresses[&aname] != a {
+        if old.as_deref() != Some(&a) {
             state.addresses.insert(aname, Arc::new(a));
         }
     }
@@ -664,7 +733,7 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
                 }
                 farm.persistence = p;
             }
-            "persist-ttl" => farm.persist_ttl = field(val, key, &ctx, uint(0))?,
+            "persist-ttl" => farm.persist_ttl = field(val, key, &ctx, ttl)?,
             "helper" => farm.helper = field(val, key, &ctx, Helper::parse)?,
             "log" => farm.log = field(val, key, &ctx, |s| LogFlags::parse(s, true))?,
             "log-prefix" => farm.log_prefix = field(val, key, &ctx, opt_prefix)?,
@@ -688,7 +757,7 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
                     }
                 }
             }
-            "limits-ttl" => farm.limits_ttl = field(val, key, &ctx, uint(0))?,
+            "limits-ttl" => farm.limits_ttl = field(val, key, &ctx, ttl)?,
             "new-rtlimit" => farm.new_rtlimit = field(val, key, &ctx, Rate::parse)?,
             "new-rtlimit-burst" => farm.new_rtlimit_burst = field(val, key, &ctx, uint(0))?,
             "new-rtlimit-log-prefix" => {
@@ -722,7 +791,7 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
             "verdict" => farm.verdict = field(val, key, &ctx, |s| VerdictFlags::parse(s, false))?,
             "flow-offload" => farm.flow_offload = field(val, key, &ctx, parse_switch)?,
             "intra-connect" => farm.intra_connect = field(val, key, &ctx, parse_switch)?,
-            "fqdn" => farm.fqdn = field(val, key, &ctx, |s| Ok(s.to_string()))?,
+            "fqdn" => farm.fqdn = field(val, key, &ctx, cfg.text(MAX_FQDN_LEN))?,
             _ => return Err(unknown_key(key, &ctx)),
         }
     }
@@ -740,6 +809,9 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
         for b in as_array(list, "backends", &ctx)? {
             apply_backend(&mut farm, b, &ctx, cfg)?;
         }
+    }
+    if !cfg.stored && (obj.contains_key("backends") || obj.contains_key("scheduler")) {
+        farm.check_rr_buckets().map_err(DocError::Invalid)?;
     }
     // 5. Static sessions.
     if let Some(list) = obj.get("sessions") {
@@ -768,6 +840,16 @@ fn apply_farm(state: &mut State, v: &Value, cfg: &ParseConfig) -> DResult<()> {
     Ok(())
 }
 
+/// The name of the address a farm's legacy keys create: `FARM-addr` and `suffix`, the
+/// farm's name cut so that it is a valid name (at most 128 characters: a 128-character
+/// farm's `-addr` made a state file that could not be loaded).
+fn auto_address(farm: &str, suffix: &str) -> String {
+    let tail = format!("-addr{suffix}");
+    // Names are ASCII (validated).
+    let keep = farm.len().min(MAX_NAME_LEN.saturating_sub(tail.len()));
+    format!("{}{tail}", &farm[..keep])
+}
+
 fn user_mark(s: &str, cfg: &ParseConfig) -> ValueResult<Mark> {
     let m = Mark::parse(s)?;
     if m.0 & cfg.masquerade_mark != 0 {
@@ -792,7 +874,7 @@ fn rename_farm(state: &mut State, old: &str, new: &str) -> DResult<()> {
         .farms
         .rename(old, new, |f| Arc::make_mut(f).name = new.to_string());
     // The automatic address follows the farm's name.
-    let (old_auto, new_auto) = (format!("{old}-addr"), format!("{new}-addr"));
+    let (old_auto, new_auto) = (auto_address(old, ""), auto_address(new, ""));
     if state.addresses.contains_key(&old_auto)
         && !state.addresses.contains_key(&new_auto)
         && state.address_used(&old_auto) == 1
@@ -872,7 +954,7 @@ fn apply_backend(farm: &mut Farm, v: &Value, fctx: &str, cfg: &ParseConfig) -> D
                     }
                 }
             }
-            "fqdn" => b.fqdn = field(val, key, &ctx, |s| Ok(s.to_string()))?,
+            "fqdn" => b.fqdn = field(val, key, &ctx, cfg.text(MAX_FQDN_LEN))?,
             // Read-only (GET shows why an ingress backend cannot be used).
             "config-error" => {}
             _ => return Err(unknown_key(key, &ctx)),
@@ -933,7 +1015,7 @@ pub fn parse_session_client(farm: &Farm, s: &str) -> ValueResult<String> {
             "srcport" | "dstport" => {
                 let n: u16 = p
                     .parse()
-                    .map_err(|_| format!("'{p}' is not a port number"))?;
+                    .map_err(|_| format!("'{}' is not a port number", clip(p)))?;
                 n.to_string()
             }
             _ => Mac::parse(p)?.to_string(),
@@ -1379,6 +1461,7 @@ mod tests {
 
     const CFG: ParseConfig = ParseConfig {
         masquerade_mark: 0x8000_0000,
+        stored: false,
     };
 
     /// Applying JSON text object by object gives what applying its tree gives: the same
@@ -1483,6 +1566,96 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, DocError::Unknown(_)), "{e:?}");
+    }
+
+    /// Limits the kernel does not need apply to requests, not to the daemon's own state
+    /// file (an older version saved what it accepted).
+    #[test]
+    fn newer_limits_spare_the_state_file() {
+        let weights: Vec<Value> = (0..8)
+            .map(
+                |i| json!({"name": format!("b{i}"), "ip-addr": "198.18.1.1", "weight": 10_000 - i}),
+            )
+            .collect();
+        let doc = json!({
+            "farms": [{"name": "f", "fqdn": "a".repeat(300), "scheduler": "rr", "backends": weights,
+                       "addresses": [{"name": "x", "fqdn": "b".repeat(300)}]}],
+            "policies": [{"name": "p", "elements": [{"data": "198.18.9.9", "time": "t".repeat(300)}]}]});
+        let e = post(&mut State::default(), doc.clone()).unwrap_err();
+        assert!(e.to_string().contains("is 300 bytes long"), "{e}");
+        let stored = ParseConfig {
+            stored: true,
+            ..CFG
+        };
+        let mut st = State::default();
+        apply_document(&mut st, &doc, &ApplyMode::Upsert, &stored).unwrap();
+        assert_eq!(st.farms["f"].fqdn.len(), 300);
+        // The rr farm's 79,972 buckets are refused in a request.
+        let mut f = doc["farms"][0].clone();
+        f.as_object_mut().unwrap().remove("fqdn");
+        f.as_object_mut().unwrap().remove("addresses");
+        let e = post(&mut State::default(), json!({"farms": [f]})).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Invalid value '10000' of key 'weight' in backend 'b0' of farm 'f': the rr scheduler needs one bucket per unit of weight (weights divided by their greatest common divisor): 79972 buckets, at most 65536; use smaller weights or the weight scheduler"
+        );
+    }
+
+    /// A farm's automatic address gets a valid name whatever the farm's name, and a state
+    /// of an older version (a 133-character `FARM-addr`) still loads.
+    #[test]
+    fn automatic_address_names_are_valid() {
+        let long = "f".repeat(128);
+        let mut st = State::default();
+        post(
+            &mut st,
+            json!({"addresses": [{"name": format!("{}-addr", "f".repeat(123))}],
+                   "farms": [{"name": long, "virtual-addr": "198.18.0.1"}]}),
+        )
+        .unwrap();
+        let a = &st.farms[&long].addresses[0];
+        assert_eq!(a, &format!("{}-addr-1", "f".repeat(121)));
+        let mut again = State::default();
+        post(&mut again, state_document(&st)).unwrap();
+        assert_eq!(st, again);
+        // Renamed, the address follows within the limit.
+        post(
+            &mut st,
+            json!({"farms": [{"name": long, "newname": "g".repeat(128)}]}),
+        )
+        .unwrap();
+        assert!(st.addresses.keys().all(|n| n.len() <= MAX_NAME_LEN));
+        // As an older version saved it.
+        let old = json!({"addresses": [{"name": format!("{long}-addr"), "ip-addr": "198.18.0.1"}],
+                         "farms": [{"name": long, "addresses": [{"name": format!("{long}-addr")}]}]});
+        assert!(post(&mut State::default(), old.clone()).is_err());
+        let stored = ParseConfig {
+            stored: true,
+            ..CFG
+        };
+        apply_document(&mut State::default(), &old, &ApplyMode::Upsert, &stored).unwrap();
+    }
+
+    /// An address renamed through the list of a farm that uses it: the farm follows.
+    /// (Its stale copy kept the old name; legacy keys then looked that name up and the
+    /// writer panicked.)
+    #[test]
+    fn address_renamed_in_a_farm_list() {
+        let mut st = State::default();
+        post(
+            &mut st,
+            json!({"farms": [{"name": "web", "virtual-addr": "198.18.0.1"}]}),
+        )
+        .unwrap();
+        post(
+            &mut st,
+            json!({"farms": [{"name": "web", "virtual-ports": "80",
+                   "addresses": [{"name": "web-addr", "newname": "x"}]}]}),
+        )
+        .unwrap();
+        assert_eq!(st.farms["web"].addresses, vec!["x".to_string()]);
+        assert_eq!(st.addresses["x"].ports.to_string(), "80");
+        assert!(st.addresses.get("web-addr").is_none());
     }
 
     #[test]

@@ -364,6 +364,7 @@ impl Engine {
     fn parse_cfg(&self) -> ParseConfig {
         ParseConfig {
             masquerade_mark: self.cfg.masquerade_mark,
+            stored: false,
         }
     }
 
@@ -392,6 +393,11 @@ impl Engine {
         let mut st = State::default();
         let mut slots = Slots::default();
         let pcfg = self.parse_cfg();
+        // The state file was validated when it was written (see ParseConfig::stored).
+        let stored_cfg = ParseConfig {
+            stored: true,
+            ..pcfg
+        };
         if use_store {
             if let Some(store) = &self.store {
                 for done in store.recover()? {
@@ -400,7 +406,7 @@ impl Engine {
                 if let Some(text) = store.load_text()? {
                     let at = |e: String| format!("state file {}: {e}", store.path().display());
                     let (doc, saved_slots, seq) = split_saved(&text).map_err(at)?;
-                    document::apply_document_text(&mut st, doc, &ApplyMode::Upsert, &pcfg)
+                    document::apply_document_text(&mut st, doc, &ApplyMode::Upsert, &stored_cfg)
                         .map_err(|e| at(text_error(e)))?;
                     slots = saved_slots;
                     self.seq = seq;
@@ -414,7 +420,7 @@ impl Engine {
                     if seq <= self.seq {
                         continue;
                     }
-                    replay(&mut st, &mut slots, &entry, &pcfg).map_err(|e| {
+                    replay(&mut st, &mut slots, &entry, &stored_cfg).map_err(|e| {
                         format!(
                             "journal {} entry {seq}: {e}",
                             store.journal_path().display()
@@ -3061,6 +3067,7 @@ mod saved_tests {
     fn incremental_state_text_equals_full_serialisation() {
         let cfg = ParseConfig {
             masquerade_mark: 0x8000_0000,
+            stored: false,
         };
         let mut a = State::default();
         let doc: Value = serde_json::from_str(r#"{"policies":[{"name":"p","elements":[{"data":"198.18.9.0/24"}]}],

@@ -666,6 +666,7 @@ mod tests {
         );
         let cfg = document::ParseConfig {
             masquerade_mark: 0x8000_0000,
+            stored: false,
         };
         document::apply_document_text(
             &mut state,

@@ -430,7 +430,7 @@ fn stlsdnat_one_arm() {
     let body = d.apply(&doc);
     assert_eq!(response(&body), "success", "{body}");
     let rs = ruleset(&lab.lb);
-    assert!(rs.contains("chain ingress-dnat-eth0"), "{rs}");
+    assert!(rs.contains("chain ingress/dnat-eth0"), "{rs}");
     assert_balanced(&lab.tcp_many(VIP, 80, 16), FLAT_CLI4);
 
     // Persistence: the client sticks to one backend.

@@ -8,17 +8,55 @@ use std::net::IpAddr;
 /// Why a value was refused; the document layer adds the key and the object.
 pub type ValueResult<T> = Result<T, String>;
 
-/// Longest object name accepted (farms, backends, addresses, policies).
+/// Longest object name accepted (farms, backends, addresses, policies). Kernel object
+/// names derived from one name stay well under nft's 255 bytes (see `render::kname`).
 pub const MAX_NAME_LEN: usize = 128;
 
+/// Longest `fqdn` accepted (a DNS name is at most 253 characters).
+pub const MAX_FQDN_LEN: usize = 253;
+
+/// Longest value of other stored free-text fields (policy element `time`).
+pub const MAX_TEXT_LEN: usize = 255;
+
+/// Longest log prefix (template) accepted: nft's limit (the kernel's 128 bytes with the
+/// terminating NUL). Expanded templates are cut to this length too.
+pub const MAX_LOG_PREFIX_LEN: usize = 127;
+
+/// Largest timeout in seconds (`persist-ttl`, `limits-ttl`): nft 1.0.6 reads at most 8
+/// digits per time unit (`timeout 100000000s` is "value too large"), about 3.2 years.
+pub const MAX_TTL: u32 = 99_999_999;
+
+/// A part of a refused value for an error message: at most 64 characters, so that a
+/// huge value does not make a huge reply.
+pub fn clip(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        None => s.to_string(),
+        Some((i, _)) => format!("{}...", &s[..i]),
+    }
+}
+
 /// Validates an object name: 1..=128 characters of `[A-Za-z0-9_.-]`, starting with a
-/// letter, digit or underscore. Such names are safe as parts of nft identifiers.
+/// letter, digit or underscore. Kernel object names always put a fixed prefix before
+/// a name (a name may start with a digit, which nft identifiers may not).
 pub fn parse_name(s: &str) -> ValueResult<String> {
+    parse_name_max(s, MAX_NAME_LEN)
+}
+
+/// Longest address name read from a state file: older versions derived `FARM-addr` from
+/// 128-character farm names. Kernel names made from it still fit nft's 255 bytes.
+pub const MAX_STORED_NAME_LEN: usize = 200;
+
+/// [`parse_name`] with another length limit.
+pub fn parse_name_max(s: &str, max: usize) -> ValueResult<String> {
     if s.is_empty() {
         return Err("must not be empty".into());
     }
-    if s.len() > MAX_NAME_LEN {
-        return Err(format!("is longer than {MAX_NAME_LEN} characters"));
+    if s.len() > max {
+        return Err(format!(
+            "is {} bytes long; names are at most {max} characters",
+            s.len()
+        ));
     }
     let first = s.as_bytes()[0];
     if !(first.is_ascii_alphanumeric() || first == b'_') {
@@ -147,6 +185,9 @@ impl fmt::Display for PortRange {
     }
 }
 
+/// Most entries in a list of ports.
+pub const MAX_PORT_ENTRIES: usize = 4096;
+
 /// A list of ports and ranges (`"80,443,1000-2000"`); empty means every port.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Ports(pub Vec<PortRange>);
@@ -155,7 +196,7 @@ fn parse_port(s: &str) -> ValueResult<u16> {
     let p: u32 = s
         .trim()
         .parse()
-        .map_err(|_| format!("'{s}' is not a port number"))?;
+        .map_err(|_| format!("'{}' is not a port number", clip(s)))?;
     if p == 0 || p > 65535 {
         return Err(format!("port {p} is out of range 1-65535"));
     }
@@ -170,13 +211,20 @@ impl Ports {
         if s.trim().is_empty() {
             return Ok(Ports(out));
         }
+        // Counted first: overlaps are checked pairwise.
+        if s.split(',').nth(MAX_PORT_ENTRIES).is_some() {
+            return Err(format!("has more than {MAX_PORT_ENTRIES} entries"));
+        }
         for part in s.split(',') {
             let part = part.trim();
             let range = match part.split_once('-') {
                 Some((a, b)) => {
                     let (lo, hi) = (parse_port(a)?, parse_port(b)?);
                     if lo > hi {
-                        return Err(format!("range '{part}' has its first port above its last"));
+                        return Err(format!(
+                            "range '{}' has its first port above its last",
+                            clip(part)
+                        ));
                     }
                     PortRange { lo, hi }
                 }
@@ -189,9 +237,6 @@ impl Ports {
                 return Err(format!("'{range}' overlaps '{o}'"));
             }
             out.push(range);
-        }
-        if out.len() > 4096 {
-            return Err("has more than 4096 entries".into());
         }
         Ok(Ports(out))
     }
@@ -348,7 +393,8 @@ impl<const K: usize> Flags<K> {
                 Some(i) => bits |= 1 << i,
                 None => {
                     return Err(format!(
-                        "'{w}' is not one of {}{}",
+                        "'{}' is not one of {}{}",
+                        clip(w),
                         Self::names().join(" "),
                         if allow_none { " none" } else { "" }
                     ))
@@ -484,10 +530,14 @@ impl Rate {
             Some((n, u)) => (n, u),
             None => (s, "second"),
         };
-        let count: u32 = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("'{n}' is not a non-negative integer"))?;
+        let n = n.trim();
+        let count: u32 = n.parse().map_err(|_| {
+            if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
+                format!("'{}' is larger than {}", clip(n), u32::MAX)
+            } else {
+                format!("'{}' is not a non-negative integer", clip(n))
+            }
+        })?;
         let unit = match u.trim() {
             "second" => RateUnit::Second,
             "minute" => RateUnit::Minute,
@@ -496,11 +546,38 @@ impl Rate {
             "week" => RateUnit::Week,
             other => {
                 return Err(format!(
-                    "unit '{other}' is not one of second, minute, hour, day, week"
+                    "unit '{}' is not one of second, minute, hour, day, week",
+                    clip(other)
                 ))
             }
         };
         Ok(Rate { count, unit })
+    }
+}
+
+impl RateUnit {
+    /// The unit in seconds.
+    pub fn seconds(self) -> u64 {
+        match self {
+            RateUnit::Second => 1,
+            RateUnit::Minute => 60,
+            RateUnit::Hour => 3600,
+            RateUnit::Day => 86_400,
+            RateUnit::Week => 604_800,
+        }
+    }
+}
+
+impl Rate {
+    /// The largest `burst` (packets) the kernel accepts with this rate: it keeps
+    /// `unit_ns / rate * burst` tokens in a u64 and refuses an overflow (EOVERFLOW,
+    /// `nft_limit_init`). `None` for no limit.
+    pub fn max_burst(&self) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let per_packet = self.unit.seconds() * 1_000_000_000 / u64::from(self.count);
+        Some(u64::MAX / per_packet.max(1))
     }
 }
 
@@ -578,6 +655,19 @@ impl fmt::Display for Mac {
     }
 }
 
+/// Accepts any text of at most `max` bytes (stored, never rendered: `fqdn`, `time`).
+pub fn parse_text(max: usize) -> impl Fn(&str) -> ValueResult<String> {
+    move |s: &str| {
+        if s.len() > max {
+            return Err(format!(
+                "is {} bytes long; at most {max} are accepted",
+                s.len()
+            ));
+        }
+        Ok(s.to_string())
+    }
+}
+
 /// Parses an interface name as the kernel accepts it (1-15 bytes, no '/', ':' or space).
 pub fn parse_ifname(s: &str) -> ValueResult<String> {
     if s.is_empty() || s.len() > 15 {
@@ -599,12 +689,15 @@ pub fn parse_ip(s: &str) -> ValueResult<IpAddr> {
         .map_err(|_| "expected an IPv4 or IPv6 address".into())
 }
 
-/// Parses a log-prefix template: at most 64 characters of letters, digits, spaces and
-/// `_ . , : - [ ] ( )`. Quotes, backslashes and control characters are refused because nft
-/// strings have no escapes.
+/// Parses a log-prefix template: at most 127 characters (nft's limit) of letters, digits,
+/// spaces and `_ . , : - [ ] ( )`. Quotes, backslashes and control characters are refused
+/// because nft strings have no escapes.
 pub fn parse_log_prefix(s: &str) -> ValueResult<String> {
-    if s.len() > 64 {
-        return Err("is longer than 64 characters".into());
+    if s.len() > MAX_LOG_PREFIX_LEN {
+        return Err(format!(
+            "is {} bytes long; log prefixes are at most {MAX_LOG_PREFIX_LEN} characters",
+            s.len()
+        ));
     }
     if let Some(c) = s.chars().find(|c| {
         !(c.is_ascii_alphanumeric()
@@ -699,7 +792,8 @@ mod tests {
         ] {
             assert!(parse_name(bad).is_err(), "{bad:?} accepted");
         }
-        assert!(parse_name(&"a".repeat(129)).is_err());
+        let e = parse_name(&"a".repeat(129)).unwrap_err();
+        assert!(e.contains("129 bytes") && e.contains("128"), "{e}");
         assert!(parse_name(&"a".repeat(128)).is_ok());
     }
 
@@ -713,6 +807,13 @@ mod tests {
         for bad in ["0", "65536", "80-70", "a", "80,80", "10-20,15", "1-"] {
             assert!(Ports::parse(bad).is_err(), "{bad:?} accepted");
         }
+        let list = |n: u32| (1..=n).map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+        assert_eq!(Ports::parse(&list(4096)).unwrap().0.len(), 4096);
+        // Refused before the pairwise overlap check (65,535 entries took 26 s, debug build).
+        let t = std::time::Instant::now();
+        let e = Ports::parse(&list(65535)).unwrap_err();
+        assert!(e.contains("more than 4096"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]
@@ -742,10 +843,34 @@ mod tests {
     }
 
     #[test]
+    fn bursts_the_kernel_cannot_hold_are_found() {
+        // nft_limit_init: unit_ns / rate * burst must fit in a u64.
+        let r = Rate::parse("1/week").unwrap();
+        assert_eq!(r.max_burst(), Some(u64::MAX / 604_800_000_000_000));
+        assert_eq!(r.max_burst(), Some(30_500));
+        assert_eq!(Rate::parse("0").unwrap().max_burst(), None);
+        assert_eq!(
+            Rate::parse("4294967295/second").unwrap().max_burst(),
+            Some(u64::MAX)
+        );
+        let e = Rate::parse("4294967296/second").unwrap_err();
+        assert!(e.contains("larger than 4294967295"), "{e}");
+    }
+
+    #[test]
+    fn stored_text_is_limited() {
+        assert!(parse_text(253)(&"a".repeat(253)).is_ok());
+        let e = parse_text(253)(&"a".repeat(254)).unwrap_err();
+        assert!(e.contains("254 bytes") && e.contains("253"), "{e}");
+    }
+
+    #[test]
     fn log_prefix_refuses_quotes_and_newlines() {
         assert!(parse_log_prefix("[FNAME,IN] ").is_ok());
         assert!(parse_log_prefix("a\"b").is_err());
         assert!(parse_log_prefix("a\nb").is_err());
-        assert!(parse_log_prefix(&"x".repeat(65)).is_err());
+        assert!(parse_log_prefix(&"x".repeat(127)).is_ok());
+        let e = parse_log_prefix(&"x".repeat(128)).unwrap_err();
+        assert!(e.contains("128 bytes") && e.contains("127"), "{e}");
     }
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use crate::model::*;
 use crate::ruleset::{Chain, MapDef, Table, TableFamily};
 
-use super::{addr_type, fam_matches, insert, ip_kw, tag, RenderConfig};
+use super::{addr_type, fam_matches, insert, ip_kw, kname, tag, RenderConfig};
 
 /// Longest log prefix nft accepts.
 const LOG_PREFIX_MAX: usize = 127;
@@ -114,9 +114,36 @@ fn source_in(fam: TableFamily, len: u8, set: &str) -> String {
     }
 }
 
-/// The name of the per-farm counter of a policy.
-pub fn policy_counter(policy: &str, owner: &str) -> String {
-    format!("pc-{policy}-{owner}")
+/// The name of a farm's counter of a policy.
+pub fn policy_counter(policy: &str, farm: &str) -> String {
+    kname(format!("pc-{policy}/{farm}"))
+}
+
+/// The name of a standalone address's counter of a policy.
+pub fn address_policy_counter(policy: &str, address: &str) -> String {
+    kname(format!("pca-{policy}/{address}"))
+}
+
+/// Who policies are attached to: their chain and counters are named after it.
+#[derive(Clone, Copy)]
+enum Owner<'a> {
+    Farm(&'a str),
+    Address(&'a str),
+}
+
+impl Owner<'_> {
+    fn chain(self) -> String {
+        match self {
+            Owner::Farm(f) => format!("fpol-{f}"),
+            Owner::Address(a) => format!("apol-{a}"),
+        }
+    }
+    fn counter(self, policy: &str) -> String {
+        match self {
+            Owner::Farm(f) => policy_counter(policy, f),
+            Owner::Address(a) => address_policy_counter(policy, a),
+        }
+    }
 }
 
 fn set(spec: String) -> MapDef {
@@ -245,7 +272,7 @@ pub fn ingress_policies(state: &State, f: &Farm, t: &mut Table) -> Option<String
         &[TableFamily::Ip, TableFamily::Ip6],
         t,
         "",
-        &f.name,
+        Owner::Farm(&f.name),
         &f.policies,
         f.verdict,
         f.log_rtlimit,
@@ -256,12 +283,12 @@ pub fn ingress_policies(state: &State, f: &Farm, t: &mut Table) -> Option<String
 }
 
 /// What a rule does once its match fired, per the owner's `verdict` flags: log (rate
-/// limited by `log-rtlimit` through a small sub-chain so the match is evaluated once),
-/// then drop. Returns the statement text (possibly empty) and adds any sub-chain.
+/// limited by `log-rtlimit` through a small sub-chain `CHAIN/SUB_NAME`, so the match is
+/// evaluated once), then drop. Returns the statement text (possibly empty) and adds any sub-chain.
 fn action(
     t: &mut Table,
     chain: &str,
-    kname: &str,
+    sub_name: &str,
     verdict: VerdictFlags,
     drop: bool,
     prefix: &str,
@@ -271,7 +298,7 @@ fn action(
     let drop = drop && verdict.has("drop");
     match (log, log_rate.count > 0) {
         (true, true) => {
-            let sub = format!("{chain}-{kname}");
+            let sub = kname(format!("{chain}/{sub_name}"));
             let mut rules = vec![format!("limit rate {} log prefix \"{prefix}\"", log_rate)];
             if drop {
                 rules.push("drop".into());
@@ -294,7 +321,7 @@ fn action(
 }
 
 /// The policies of an owner (farm or address), in attachment order, as a chain
-/// `fpol-OWNER`: the first match decides. A blacklist match drops (per `verdict`), a
+/// `fpol-FARM` or `apol-ADDRESS`: the first match decides. A blacklist match drops (per `verdict`), a
 /// whitelist match returns (accepts; later policies are not consulted), and when
 /// whitelists are attached a source that matched none of them is dropped. Returns the
 /// rule that runs the chain, or nothing when no policy applies in this family.
@@ -304,14 +331,14 @@ fn policy_rules(
     families: &[TableFamily],
     t: &mut Table,
     chain: &str,
-    owner: &str,
+    owner: Owner,
     names: &[String],
     verdict: VerdictFlags,
     log_rate: Rate,
     fname: &str,
     aname: &str,
 ) -> Vec<String> {
-    let pol_chain = format!("fpol-{owner}");
+    let pol_chain = owner.chain();
     let mut rules = Vec::new();
     // The netdev table sees both families: its rules name the one they are for.
     let mixed = families.len() > 1;
@@ -347,7 +374,7 @@ fn policy_rules(
             },
         );
         // Counts this owner's matches; the set itself counts per element.
-        let counter = policy_counter(pname, owner);
+        let counter = owner.counter(pname);
         t.maps.insert(counter.clone(), object("counter", ""));
         let sets = policy_sets(p);
         match p.ptype {
@@ -421,7 +448,7 @@ pub fn farm_needs_filter(f: &Farm) -> bool {
 
 /// The name of a farm's ct helper object.
 pub fn helper_object(farm: &str, helper: Helper, proto: &str) -> String {
-    format!("{farm}-{}-{proto}", helper.as_str())
+    format!("cth-{farm}/{}-{proto}", helper.as_str())
 }
 
 /// Adds a farm's filter chain and returns its name (or `None` when it needs none).
@@ -437,7 +464,7 @@ pub fn farm(state: &State, f: &Farm, fam: TableFamily, t: &mut Table) -> Option<
         &[fam],
         t,
         &chain,
-        &f.name,
+        Owner::Farm(&f.name),
         &f.policies,
         f.verdict,
         f.log_rtlimit,
@@ -596,7 +623,7 @@ pub fn address_entries(
             &[fam],
             t,
             &chain,
-            &a.name,
+            Owner::Address(&a.name),
             &a.policies,
             a.verdict(),
             a.log_rtlimit,

@@ -94,8 +94,11 @@ pub struct Kind {
 
 /// The version of the rules' layout, held in the `layout` set: a restart whose saved
 /// state matches the kernel's generation still rewrites the rules when they were laid out
-/// by another version (the plain farms' kinds came with version 2; version 1 had no set).
-pub const LAYOUT: u32 = 3;
+/// by another version (the plain farms' kinds came with version 2; version 1 had no set;
+/// version 4 renamed the objects that could clash or start with a digit: `cth-FARM/…`
+/// helpers, `CHAIN/…` sub-chains, `apol-ADDRESS` chains, `pc-POLICY/OWNER` counters,
+/// `ingress/dnat-IF` chains).
+pub const LAYOUT: u32 = 4;
 
 /// Kind numbers fit in the low bits of a block offset.
 pub const KIND_MASK: u32 = 0xf;
@@ -417,6 +420,39 @@ pub(crate) fn fam_matches(fam: TableFamily, ip: &IpAddr) -> bool {
         (fam, ip),
         (TableFamily::Ip, IpAddr::V4(_)) | (TableFamily::Ip6, IpAddr::V6(_))
     )
+}
+
+// Kernel object names. Every name derived from a farm, policy or address name starts
+// with a fixed prefix (names may start with a digit; nft identifiers may not, and nft
+// 1.0.6 accepts no quoted names). Object names contain `[A-Za-z0-9_.-]` only, so parts
+// that follow a name, or a second name, come after a `/` (valid in nft identifiers):
+// `ffarm-NAME/tcp-strict` can be no other farm's `ffarm-…`. Each kind of object has its
+// own prefix, so names are unique in their namespace.
+
+/// Longest kernel object name (chains, sets, maps, objects): the kernel's 256 bytes
+/// (NFT_NAME_MAXLEN) with the terminating NUL.
+pub const KNAME_MAX: usize = 255;
+
+/// A kernel object name that fits [`KNAME_MAX`]: a longer one (two long names joined)
+/// keeps its first bytes and ends in `//` and a hash of the whole name. No other name
+/// contains `//`, so it stays unique (up to the 64-bit hash).
+pub fn kname(name: String) -> String {
+    if name.len() <= KNAME_MAX {
+        return name;
+    }
+    let h = hash64(&name);
+    let keep = KNAME_MAX - 2 - 16;
+    // Names are ASCII (validated), so any byte index is a character boundary.
+    format!("{}//{h:016x}", &name[..keep])
+}
+
+fn hash64(text: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// Chain name of a farm.
@@ -1537,6 +1573,7 @@ pub(crate) mod tests {
             &ApplyMode::Upsert,
             &ParseConfig {
                 masquerade_mark: 0x8000_0000,
+                stored: false,
             },
         )
         .unwrap();
@@ -1556,6 +1593,16 @@ pub(crate) mod tests {
 
     fn text(st: &State) -> String {
         plan(&Ruleset::default(), &rendered(st).0).to_text()
+    }
+
+    #[test]
+    fn kernel_names_fit_and_stay_distinct() {
+        assert_eq!(kname("pc-a/b".into()), "pc-a/b");
+        let a = kname(format!("pc-{}/{}", "p".repeat(128), "f".repeat(128)));
+        let b = kname(format!("pc-{}/{}", "p".repeat(128), "g".repeat(128)));
+        assert_eq!(a.len(), KNAME_MAX);
+        assert!(a.contains("//") && a != b, "{a}");
+        assert!(filter::helper_object("0", Helper::Ftp, "tcp").starts_with("cth-0/"));
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //!   <scheduler> map { buckets : backend address } ether daddr set ip daddr map { address
 //!   : MAC } [tcp dport set ip daddr map { address : port }] ether saddr set <output MAC>
 //!   fwd to "<output interface>"` (one rule per protocol when ports are translated:
-//!   `th dport set` would not fix the checksum). Replies enter `ingress-dnat-OF`
+//!   `th dport set` would not fix the checksum). Replies enter `ingress/dnat-OF`
 //!   (`priority 100`) on the output interface and are looked up by source (`meta
 //!   l4proto . ip saddr . th sport vmap { proto . backend . port : goto reply-NAME }`):
 //!   `ether daddr set ip daddr map @cli4-… ip saddr set <VIP> [tcp sport
@@ -129,7 +129,7 @@ pub fn farm_chain(farm: &str) -> String {
     format!("lb-{farm}")
 }
 
-/// Return chain of a `stlsdnat` farm (sorts after `ingress-dnat-…` too).
+/// Return chain of a `stlsdnat` farm (sorts after `ingress/dnat-…` too).
 pub fn back_chain(farm: &str) -> String {
     format!("reply-{farm}")
 }
@@ -191,6 +191,8 @@ fn resolve_backend<'a>(
             None => return Err("its route is unknown".into()),
         },
     };
+    // Interface names become part of chain names and rules: only plain ones are used.
+    parse_ifname(&oface).map_err(|e| format!("output interface name '{oface}' {e}"))?;
     let link = net
         .links
         .get(&oface)
@@ -265,6 +267,7 @@ fn entries<'a>(state: &'a State, farm: &'a Farm, net: &NetView) -> Result<Vec<En
                 ))
             }
         };
+        parse_ifname(&iface).map_err(|e| format!("input interface name '{iface}' {e}"))?;
         let link = net
             .links
             .get(&iface)
@@ -437,7 +440,7 @@ fn netdev(rs: &mut Ruleset) -> &mut Table {
 
 /// The lookups of an ingress base chain, in rule order: (rule head, interval).
 /// Service lookups (by destination) go in `ingress-IF`, return lookups of stateless
-/// DNAT (by source) in `ingress-dnat-IF`.
+/// DNAT (by source) in `ingress/dnat-IF` (`/`: no clash with the interface `dnat-IF`).
 fn lookups(ret: bool) -> Vec<(String, bool)> {
     let mut out = Vec::new();
     for fam in [Fam::V4, Fam::V6] {
@@ -471,7 +474,7 @@ fn lookup_index(fam: Fam, with_addr: bool, interval: bool, ret: bool) -> usize {
 
 fn ingress_chain(iface: &str, ret: bool) -> String {
     if ret {
-        format!("ingress-dnat-{iface}")
+        format!("ingress/dnat-{iface}")
     } else {
         format!("ingress-{iface}")
     }
@@ -1242,7 +1245,7 @@ mod tests {
             "{rule}"
         );
         assert!(rule.contains("02:00:00:00:00:11") && rule.contains("02:00:00:00:00:12"));
-        assert!(!text.contains("ingress-dnat"), "{text}");
+        assert!(!text.contains("ingress/dnat"), "{text}");
     }
 
     /// The ingress farms share the base chains' lookups, yet each is rendered once per
@@ -1402,8 +1405,8 @@ mod tests {
             assert!(text.contains(&format!("{proto} dport set ip daddr map {{ 198.18.0.11 : 8081, 198.18.1.21 : 8080 }} ether saddr set ip daddr map {{ 198.18.0.11 : 02:00:00:00:00:01, 198.18.1.21 : 02:00:00:00:00:02 }} fwd to ip daddr map {{ 198.18.0.11 : \"eth0\", 198.18.1.21 : \"eth1\" }}")), "{text}");
             assert!(text.contains(&format!("add rule netdev nftlb reply-s meta protocol ip meta l4proto {proto} ether daddr set ip daddr map @cli4-s-t60 ip saddr set 198.18.0.100 {proto} sport set 80 ether saddr set 02:00:00:00:00:01 fwd to \"eth0\"")), "{text}");
         }
-        assert!(text.contains("add rule netdev nftlb ingress-dnat-eth1 meta l4proto . ip saddr . th sport vmap { sctp . 198.18.1.21 . 8080 : goto reply-s, tcp . 198.18.1.21 . 8080 : goto reply-s, udp . 198.18.1.21 . 8080 : goto reply-s }"), "{text}");
-        assert!(text.contains("add chain netdev nftlb ingress-dnat-eth1 { type filter hook ingress device \"eth1\" priority 100; policy accept; }"), "{text}");
+        assert!(text.contains("add rule netdev nftlb ingress/dnat-eth1 meta l4proto . ip saddr . th sport vmap { sctp . 198.18.1.21 . 8080 : goto reply-s, tcp . 198.18.1.21 . 8080 : goto reply-s, udp . 198.18.1.21 . 8080 : goto reply-s }"), "{text}");
+        assert!(text.contains("add chain netdev nftlb ingress/dnat-eth1 { type filter hook ingress device \"eth1\" priority 100; policy accept; }"), "{text}");
         assert!(text.contains("add rule netdev nftlb lb-s drop"), "{text}");
     }
 

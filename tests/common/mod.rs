@@ -1068,14 +1068,14 @@ impl<'a> Daemon<'a> {
             .append(true)
             .open(self.log_path())
             .expect("open daemon log");
-        let bin = env!("CARGO_BIN_EXE_nftlb");
+        let bin = daemon_bin();
         let state = self.state_file();
         let mut cmd = Command::new("ip");
         cmd.args([
             "netns",
             "exec",
             self.ns.name(),
-            bin,
+            &bin,
             "-k",
             &self.key,
             "-H",
@@ -1698,4 +1698,49 @@ pub fn raise_nofile() -> u64 {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
     }
     rl.rlim_cur
+}
+
+/// The daemon binary the tests start: this build's, or `NLBT_DAEMON_BIN` (a copy, so that
+/// a long run is not disturbed by rebuilds).
+pub fn daemon_bin() -> String {
+    std::env::var("NLBT_DAEMON_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_nftlb").to_string())
+}
+
+impl<'a> Daemon<'a> {
+    /// Starts a daemon in `ns` on a copy of another daemon's state file (snapshot and
+    /// journal), as a restart on another machine would: to compare what it builds.
+    pub fn start_from_state(ns: &'a NetNs, other: &Daemon) -> Daemon<'a> {
+        let dir = std::env::temp_dir().join(unique("nlbt", "daemon"));
+        fs::create_dir_all(&dir).expect("create daemon temp dir");
+        let src = other.state_file();
+        let (from, base) = (src.parent().unwrap(), src.file_name().unwrap());
+        for e in fs::read_dir(from).expect("read state dir").flatten() {
+            let n = e.file_name();
+            if n.to_string_lossy().starts_with(&*base.to_string_lossy()) {
+                fs::copy(e.path(), dir.join(&n)).expect("copy state file");
+            }
+        }
+        let mut d = Daemon {
+            ns,
+            key: other.key.clone(),
+            dir,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// Whether the daemon process still runs (not exited, not a zombie).
+    pub fn alive(&self) -> bool {
+        let Some(pid) = self.pid() else {
+            return false;
+        };
+        match fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|st| st != "Z" && st != "X"),
+            Err(_) => false,
+        }
+    }
 }
