@@ -368,6 +368,19 @@ api POST /farms "$DNAT"
 section "Traffic in dnat mode: backends see client 198.18.0.2"
 probe
 
+section "A hand edit: 'nft flush table ip nftlb' (the daemon sees it and repairs it)"
+printf '%s$ ip netns exec %s nft flush table ip nftlb%s\n' "$DIM" "$NS_LB" "$RESET"
+ip netns exec "$NS_LB" nft flush table ip nftlb || failed $? "nft flush failed"
+for _ in $(seq 1 50); do
+    grep -q "kernel rules repaired" "$WORKDIR/nftlb.log" 2>/dev/null && break
+    sleep 0.1
+done
+grep -E "changed from outside|differ from the desired|kernel rules repaired" "$WORKDIR/nftlb.log" | tail -3 | cut -c1-200
+grep -q "kernel rules repaired" "$WORKDIR/nftlb.log" || failed 1 "the hand edit was not repaired within 5 s"
+
+section "Traffic after the repair"
+probe
+
 section "GET /farms/web (final state)"
 api GET /farms/web
 
