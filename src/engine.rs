@@ -475,6 +475,8 @@ impl Engine {
             self.check_and_repair(&rs, "start")?;
         } else {
             self.resync_kernel(&rs)?;
+            // The rewrite was cut into several transactions when large: read it back.
+            self.check_and_repair(&rs, "start, after rewriting")?;
         }
         let t_kernel = started.elapsed();
         if will_save {
