@@ -800,7 +800,18 @@ fn run_sequence(ns: &NetNs, d: &Daemon, reqs: &[Req]) -> Result<(), TestCaseErro
     check(r.status == 200, || {
         format!("seed: {} {}", r.status, tail(&r.text(), 500))
     })?;
-    SEQUENCES.fetch_add(1, Ordering::Relaxed);
+    let n = SEQUENCES.fetch_add(1, Ordering::Relaxed) + 1;
+    if n % 25 == 0 && std::env::var_os("NFTLB_FUZZ_SECS").is_some() {
+        // Progress of a long run (rounds end only after their shrinking).
+        eprintln!(
+            "[{}] {n} sequences, {} requests, {} 5xx",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            SENT.load(Ordering::Relaxed),
+            SERVER_ERR.load(Ordering::Relaxed)
+        );
+    }
     let mut before = state_of(d).map_err(TestCaseError::fail)?;
     let mut accepted = 1;
     for r in reqs {
