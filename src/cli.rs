@@ -18,7 +18,7 @@ pub struct Args {
     /// JSON configuration loaded at start (same format as API bodies).
     #[arg(short = 'c', long = "config")]
     pub config: Option<PathBuf>,
-    /// API key; NFTLB_SERVER_KEY takes precedence. A random key is generated if neither is given.
+    /// API key (not empty); NFTLB_SERVER_KEY takes precedence. A random key is generated if neither is given.
     #[arg(short = 'k', long = "key")]
     pub key: Option<String>,
     /// Apply the configuration file and exit (no API server).
@@ -65,12 +65,29 @@ impl Args {
         Ok(m.0)
     }
 
-    /// The API key: NFTLB_SERVER_KEY if set and non-empty, else `-k`.
-    pub fn explicit_key(&self) -> Option<String> {
-        match std::env::var("NFTLB_SERVER_KEY") {
-            Ok(k) if !k.is_empty() => Some(k),
-            _ => self.key.clone(),
+    /// The API key: NFTLB_SERVER_KEY if set and non-empty, else `-k`; `None` when neither
+    /// is given (a key is then generated). A key that no client could send (empty, with
+    /// spaces around it or control characters) is an error naming where it came from: an
+    /// empty key would let every request through.
+    pub fn explicit_key(&self) -> Result<Option<String>, String> {
+        let (key, from) = match std::env::var("NFTLB_SERVER_KEY") {
+            Ok(k) if !k.is_empty() => (k, "NFTLB_SERVER_KEY"),
+            _ => match &self.key {
+                Some(k) => (k.clone(), "-k/--key"),
+                None => return Ok(None),
+            },
+        };
+        if key.is_empty() {
+            return Err(format!(
+                "{from}: the API key is empty; give a non-empty key (or neither -k nor NFTLB_SERVER_KEY, and one is generated)"
+            ));
         }
+        if key.trim() != key || key.chars().any(|c| c.is_control()) {
+            return Err(format!(
+                "{from}: the API key has spaces around it or control characters, which no client can send in a Key header"
+            ));
+        }
+        Ok(Some(key))
     }
 
     /// The address to listen on.

@@ -14,9 +14,10 @@ use crate::kernel::{netlink, verify};
 use crate::kernel::{Capabilities, Kernel, KernelError};
 use crate::model::*;
 use crate::netinfo;
+use crate::read::{self, Reads, Snapshot};
 use crate::render::{
-    bucket_space, filter, id_base, merge_owned, render_base, render_fragment, session_maps,
-    skeleton, RenderConfig, Slots, PLAIN_PREFIX,
+    bucket_space, filter, id_base, merge_owned, render_base, render_fragment, skeleton,
+    RenderConfig, Slots, PLAIN_PREFIX,
 };
 use crate::ruleset::{
     into_batches, is_load, parse_listing, plan, resync, split, undo_additions, Ruleset,
@@ -45,7 +46,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn message(status: u16, msg: &str) -> Self {
+    pub(crate) fn message(status: u16, msg: &str) -> Self {
         Reply {
             status,
             body: format!(
@@ -61,20 +62,6 @@ impl Reply {
             msg.push_str(n);
         }
         Self::message(200, &msg)
-    }
-    fn document(v: Value) -> Self {
-        Reply {
-            status: 200,
-            body: document::to_pretty(&v),
-        }
-    }
-
-    /// `{"<key>": [items]}`, built one item at a time.
-    fn listing(key: &str, items: impl Iterator<Item = Value>) -> Self {
-        Reply {
-            status: 200,
-            body: document::list_pretty(key, items),
-        }
     }
 }
 
@@ -124,7 +111,7 @@ pub struct Engine {
     fragments: Fragments,
     caps: Option<Capabilities>,
     /// The network facts of the last render (for GET: unresolvable ingress backends).
-    net: netinfo::NetView,
+    net: Arc<netinfo::NetView>,
     /// The notes of the last render, to log only what changes.
     last_notes: Vec<(String, String)>,
     /// Sequence number of the last saved change (snapshot or journal entry).
@@ -149,6 +136,8 @@ pub struct Engine {
     shared_refs: SharedRefs,
     /// Repairs of kernel drift (see [`Engine::repairs`]).
     repairs: u64,
+    /// Where the committed state is published for GETs (see [`crate::read`]).
+    reads: Reads,
 }
 
 /// Indexes over the committed state that let a change be validated and rendered from
@@ -157,8 +146,8 @@ pub struct Engine {
 struct Indexes {
     /// Which farm claims each service.
     services: ServiceIndex,
-    /// Address name → the farms that use it.
-    users: HashMap<String, BTreeSet<String>>,
+    /// Address name → the farms that use it (persistent: published to readers).
+    users: imbl::HashMap<String, imbl::OrdSet<String>>,
     /// Policy name → the farms it is attached to.
     policy_users: HashMap<String, BTreeSet<String>>,
     /// Farms whose rules depend on the live network.
@@ -329,6 +318,18 @@ struct Fragments {
 impl Engine {
     /// An engine with an empty state; call [`Engine::start`] before serving.
     pub fn new(kernel: Box<dyn Kernel>, store: Option<Store>, cfg: EngineConfig) -> Self {
+        let reads = Reads::new(
+            Snapshot {
+                state: State::default(),
+                slots: Slots::default(),
+                users: Default::default(),
+                net: Default::default(),
+                cfg: RenderConfig {
+                    masquerade_mark: cfg.masquerade_mark,
+                },
+            },
+            kernel.live(),
+        );
         Engine {
             state: State::default(),
             slots: Slots::default(),
@@ -338,7 +339,7 @@ impl Engine {
             fallbacks: 0,
             fragments: Fragments::default(),
             caps: None,
-            net: netinfo::NetView::default(),
+            net: Default::default(),
             last_notes: Vec::new(),
             seq: 0,
             journal_bytes: 0,
@@ -350,6 +351,7 @@ impl Engine {
             element_batch_commands: ELEMENT_BATCH_COMMANDS,
             shared_refs: HashMap::new(),
             repairs: 0,
+            reads,
         }
     }
 
@@ -398,6 +400,9 @@ impl Engine {
         };
         if use_store {
             if let Some(store) = &self.store {
+                for done in store.recover()? {
+                    tracing::warn!("{done}");
+                }
                 if let Some(text) = store.load_text()? {
                     let at = |e: String| format!("state file {}: {e}", store.path().display());
                     let (doc, saved_slots, seq) = split_saved(&text).map_err(at)?;
@@ -447,7 +452,7 @@ impl Engine {
         for (_, n) in &notes {
             tracing::warn!("{n}");
         }
-        self.net = net;
+        self.net = Arc::new(net);
         self.last_notes = notes;
         let mut rs = rs;
         let will_save = use_store && config.is_some() && self.store.is_some();
@@ -499,6 +504,7 @@ impl Engine {
         self.ix = Indexes::of(&st);
         self.state = st;
         self.slots = slots;
+        self.publish();
         Ok(())
     }
 
@@ -592,17 +598,38 @@ impl Engine {
     /// whole). `why` names the occasion in the log. Backends without netlink (the test
     /// double) cannot be read back: nothing is checked.
     fn check_and_repair(&mut self, rs: &Ruleset, why: &str) -> Result<(), String> {
+        self.check_and_repair_with(rs, why, &Suspects::default())
+    }
+
+    /// [`Engine::check_and_repair`], with the sets another process changed (seen by the
+    /// monitor): those too large to read back (see [`verify::READBACK_LIMIT`]) are
+    /// rewritten.
+    fn check_and_repair_with(
+        &mut self,
+        rs: &Ruleset,
+        why: &str,
+        suspects: &Suspects,
+    ) -> Result<(), String> {
         if !self.kernel.has_netlink() {
             return Ok(());
         }
         let t = Instant::now();
-        let drift = match verify::check(rs) {
+        let mut drift = match verify::check(rs) {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!("cannot read our tables back from the kernel ({e}); rewriting them");
                 return self.resync_kernel(rs);
             }
         };
+        for (fam, t) in &rs.tables {
+            for (name, m) in &t.maps {
+                let unread = matches!(m.kind, "set" | "map") && !m.dynamic && !verify::readable(m);
+                let key = (*fam, name.clone());
+                if unread && suspects.touches(*fam, name) && !drift.sets.contains(&key) {
+                    drift.sets.push(key);
+                }
+            }
+        }
         if drift.is_empty() {
             tracing::info!(
                 occasion = why,
@@ -655,9 +682,9 @@ impl Engine {
 
     /// Checks the kernel against the committed state (after a change the daemon did not
     /// make was seen, see `kernel::monitor`) and repairs it.
-    fn verify_committed(&mut self, why: &str) -> Result<Vec<String>, Failure> {
+    fn verify_committed(&mut self, why: &str, suspects: &Suspects) -> Result<Vec<String>, Failure> {
         let rs = self.current_ruleset();
-        self.check_and_repair(&rs, why)
+        self.check_and_repair_with(&rs, why, suspects)
             .map(|()| Vec::new())
             .map_err(|e| Failure::new(500, "cannot repair the kernel rules", e))
     }
@@ -959,13 +986,15 @@ impl Engine {
                 .iter()
                 .chain(carriers)
                 .filter_map(|a| self.ix.users.get(a))
+                .flatten()
                 .chain(
                     changes
                         .policies
                         .iter()
-                        .filter_map(|p| self.ix.policy_users.get(p)),
+                        .filter_map(|p| self.ix.policy_users.get(p))
+                        .flatten(),
                 );
-            for u in users.flatten() {
+            for u in users {
                 if seen.insert(u) {
                     extra.push(u.clone());
                 }
@@ -1077,7 +1106,7 @@ impl Engine {
         let net = if incremental {
             self.net.clone()
         } else {
-            netinfo::gather(&next)
+            Arc::new(netinfo::gather(&next))
         };
         // (old part, new part) of the ruleset; the new fragments to keep.
         let mut full_refs = None;
@@ -1187,8 +1216,39 @@ impl Engine {
                 prepared = Some((len, written));
             }
             if let Err(e) = applied {
-                // Our tables may have been changed behind our back (for example deleted by
-                // hand): bring them to the new state from scratch, in one transaction.
+                // The kernel says why: if our tables still hold the committed state, the
+                // change itself was refused (nothing to rebuild; at 20,000 farms a rebuild
+                // takes seconds); otherwise they were changed behind our back (for example
+                // deleted by hand): bring them to the new state, in one transaction.
+                if self.kernel.has_netlink() {
+                    let mut committed = if incremental {
+                        slots.clone()
+                    } else {
+                        self.slots.clone()
+                    };
+                    if incremental {
+                        slots_undo.restore(&mut committed);
+                    }
+                    let mut old_rs = self.render_full(&self.state, &committed, &self.net).0;
+                    stamp(&mut old_rs, self.seq);
+                    if verify::check(&old_rs).is_ok_and(|d| d.is_empty()) {
+                        if incremental {
+                            slots_undo.restore(&mut slots);
+                            self.slots = slots;
+                        }
+                        if let (Some(store), Some(_)) = (&self.store, &prepared) {
+                            store.discard();
+                        }
+                        tracing::warn!("change refused by the kernel ({e}); our tables are intact");
+                        // Input that passed validation and that the kernel refuses is
+                        // a defect of ours (500), but nothing changed.
+                        return Err(Failure::new(
+                            500,
+                            "error generating rules",
+                            format!("the kernel refused the change, nothing was changed: {e}"),
+                        ));
+                    }
+                }
                 tracing::warn!("incremental transaction failed ({e}); resynchronising");
                 self.fallbacks += 1;
                 let rs = whole(self);
@@ -1509,84 +1569,6 @@ impl Engine {
         Ok(())
     }
 
-    /// The dynamic (kernel-learnt) sessions of a farm in every family.
-    fn dynamic_sessions(&mut self, state: &State, slots: &Slots, farm: &str) -> Vec<DynSession> {
-        let cfg = self.render_cfg();
-        let (Some(farm), Some(slot)) = (state.farms.get(farm), slots.get(farm)) else {
-            return Vec::new();
-        };
-        if farm.persistence.is_empty() {
-            return Vec::new();
-        }
-        let mut out = Vec::new();
-        if matches!(farm.mode, Mode::Dsr | Mode::Stlsdnat) {
-            // Ingress farms learn the backend's MAC (dsr) or address (stlsdnat).
-            for v6 in [false, true] {
-                let (ps, _) = crate::render::netdev::session_maps(farm, v6);
-                let Ok(v) = self
-                    .kernel
-                    .list_json(&format!("list map netdev {TABLE} {ps}"))
-                else {
-                    continue;
-                };
-                for (client, value, expires) in parse_map_elements(&v) {
-                    let text = value.as_str().unwrap_or_default().to_string();
-                    let backend = farm
-                        .backends
-                        .iter()
-                        .find(|b| {
-                            let by_ip = b.ip_addr.is_some_and(|ip| ip.to_string() == text);
-                            let by_mac = b.ether_addr.is_some_and(|m| m.to_string() == text)
-                                || self.net.neighbours.iter().any(|((_, ip), n)| {
-                                    Some(*ip) == b.ip_addr
-                                        && matches!(n, netinfo::Neigh::Known(m) if m.to_string() == text)
-                                });
-                            by_ip || by_mac
-                        })
-                        .map(|b| b.name.clone());
-                    out.push(DynSession {
-                        fam: TableFamily::Netdev,
-                        map: ps.clone(),
-                        client,
-                        mark: 0,
-                        backend,
-                        expires,
-                    });
-                }
-            }
-            return out;
-        }
-        for fam in TableFamily::ALL {
-            let (ps, _) = session_maps(farm, slot, fam, &cfg);
-            let base = id_base(farm, slot, fam, &cfg);
-            let Ok(v) = self
-                .kernel
-                .list_json(&format!("list map {} {TABLE} {ps}", fam.as_str()))
-            else {
-                continue;
-            };
-            for (client, value, expires) in parse_map_elements(&v) {
-                let Some(mark) = value.as_u64().map(|m| m as u32) else {
-                    continue;
-                };
-                let backend = slot
-                    .ids
-                    .iter()
-                    .find(|(_, id)| mark.checked_sub(base) == Some(**id))
-                    .map(|(n, _)| n.clone());
-                out.push(DynSession {
-                    fam,
-                    map: ps.clone(),
-                    client,
-                    mark,
-                    backend,
-                    expires,
-                });
-            }
-        }
-        out
-    }
-
     /// `delete element` commands for persistence entries of backends that could carry
     /// flows before this change and cannot after it.
     fn stale_session_deletes(
@@ -1661,7 +1643,16 @@ impl Engine {
                         .collect::<Vec<_>>()
                 })
                 .collect();
-            for s in self.dynamic_sessions(&old_state, old_slots, name) {
+            let cfg = self.render_cfg();
+            let sessions = read::dynamic_sessions(
+                self.reads.live(),
+                &old_state,
+                old_slots,
+                &self.net,
+                name,
+                &cfg,
+            );
+            for s in sessions {
                 // Only maps that survive the change; a replaced map goes away whole.
                 let kept = rs
                     .tables
@@ -1675,113 +1666,11 @@ impl Engine {
         out
     }
 
-    /// A policy's GET object with the kernel's per-element counters.
-    fn policy_with_counters(&mut self, st: &State, p: &Policy) -> Value {
-        let mut v = document::policy_json(st, p, View::Client);
-        let fam = match p.family {
-            Family::Ipv6 => TableFamily::Ip6,
-            _ => TableFamily::Ip,
-        };
-        // One set per prefix length; their keys are the masked networks.
-        let mut counters = HashMap::new();
-        let full = if fam == TableFamily::Ip6 { 128 } else { 32 };
-        // NAT farms match in the family's table, ingress farms in the netdev table.
-        for table in [fam, TableFamily::Netdev] {
-            for (len, set) in crate::render::filter::policy_sets(p) {
-                let Ok(listing) = self
-                    .kernel
-                    .list_json(&format!("list set {} {TABLE} {set}", table.as_str()))
-                else {
-                    continue;
-                };
-                for (addr, (pk, by)) in parse_set_counters(&listing) {
-                    let data = if len == full {
-                        addr
-                    } else {
-                        format!("{addr}/{len}")
-                    };
-                    let e = counters.entry(data).or_insert((0, 0));
-                    e.0 += pk;
-                    e.1 += by;
-                }
-            }
-        }
-        if let Some(elems) = v.get_mut("elements").and_then(Value::as_array_mut) {
-            for e in elems {
-                let data = e
-                    .get("data")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
-                let (packets, bytes) = counters.get(&data).copied().unwrap_or((0, 0));
-                if let Some(o) = e.as_object_mut() {
-                    o.insert("counter-packets".into(), Value::String(packets.to_string()));
-                    o.insert("counter-bytes".into(), Value::String(bytes.to_string()));
-                }
-            }
-        }
-        v
-    }
-
-    /// A farm's GET object with each attached policy's per-farm counter, and ingress
-    /// backends that cannot be reached shown as `config_error` with the reason.
-    fn farm_with_counters(&mut self, st: &State, f: &Farm, used: document::UsedBy) -> Value {
-        let mut v = document::farm_json_used(st, f, View::Client, used);
-        let errors = crate::render::netdev::backend_errors(st, f, &self.net);
-        if !errors.is_empty() {
-            if let Some(list) = v.get_mut("backends").and_then(Value::as_array_mut) {
-                for b in list {
-                    let name = b.get("name").and_then(Value::as_str).unwrap_or("");
-                    if let Some((_, why)) = errors.iter().find(|(n, _)| n == name) {
-                        if let Some(o) = b.as_object_mut() {
-                            o.insert("state".into(), Value::String("config_error".into()));
-                            o.insert("config-error".into(), Value::String(why.clone()));
-                        }
-                    }
-                }
-            }
-        }
-        if f.policies.is_empty() {
-            return v;
-        }
-        if let Some(refs) = v.get_mut("policies").and_then(Value::as_array_mut) {
-            for r in refs {
-                let Some(pname) = r.get("name").and_then(Value::as_str).map(str::to_string) else {
-                    continue;
-                };
-                let fam = match (f.mode, st.policies.get(&pname).map(|p| p.family)) {
-                    (Mode::Dsr | Mode::Stlsdnat, _) => TableFamily::Netdev,
-                    (_, Some(Family::Ipv6)) => TableFamily::Ip6,
-                    _ => TableFamily::Ip,
-                };
-                let counter = crate::render::filter::policy_counter(&pname, &f.name);
-                let Ok(listing) = self
-                    .kernel
-                    .list_json(&format!("list counter {} {TABLE} {counter}", fam.as_str()))
-                else {
-                    continue;
-                };
-                let c = listing
-                    .get("nftables")
-                    .and_then(Value::as_array)
-                    .and_then(|a| a.iter().find_map(|i| i.get("counter")));
-                if let (Some(c), Some(o)) = (c, r.as_object_mut()) {
-                    for (k, key) in [("packets", "counter-packets"), ("bytes", "counter-bytes")] {
-                        let n = c.get(k).and_then(Value::as_u64).unwrap_or(0);
-                        o.insert(key.into(), Value::String(n.to_string()));
-                    }
-                }
-            }
-        }
-        v
-    }
-
     /// Handles one API request.
     pub fn handle(&mut self, req: &Request) -> Reply {
         let started = Instant::now();
         let segs: Vec<&str> = req.path.split('/').filter(|s| !s.is_empty()).collect();
         let result = match req.method.as_str() {
-            "GET" => return self.get(&segs),
             // Internal: the network changed (netinfo::watch); render again.
             "REFRESH" => {
                 let next = self.state.clone();
@@ -1789,12 +1678,18 @@ impl Engine {
             }
             // Internal: a change to our tables that the daemon did not make was seen
             // (kernel::monitor); check the kernel and repair it.
-            "VERIFY" => self.verify_committed("change seen"),
+            "VERIFY" => {
+                let suspects = parse_suspects(&req.body);
+                self.verify_committed("change seen", &suspects)
+            }
             "POST" | "PUT" => self.post(&segs, &req.body),
             "PATCH" => self.patch(&segs, &req.body),
             "DELETE" => self.delete(&segs, &req.body),
+            // GETs are answered from the published snapshot (`read`), not here.
             _ => Err(Failure::new(400, "invalid request", "unsupported method")),
         };
+        // Before the reply goes out: a client's next GET sees what this request did.
+        self.publish();
         let reply = match result {
             Ok(notes) => Reply::ok(&notes),
             Err(f) => f.reply(),
@@ -1807,6 +1702,35 @@ impl Engine {
             "request"
         );
         reply
+    }
+
+    /// The kernel-learnt sessions of a farm of the committed state.
+    fn dynamic_sessions(&self, farm: &str) -> Vec<read::DynSession> {
+        let cfg = self.render_cfg();
+        read::dynamic_sessions(
+            self.reads.live(),
+            &self.state,
+            &self.slots,
+            &self.net,
+            farm,
+            &cfg,
+        )
+    }
+
+    /// The GETs' handle on the published state.
+    pub fn reads(&self) -> Reads {
+        self.reads.clone()
+    }
+
+    /// Publishes the committed state for GETs: O(1) copies of persistent maps.
+    fn publish(&self) {
+        self.reads.publish(Snapshot {
+            state: self.state.clone(),
+            slots: self.slots.clone(),
+            users: self.ix.users.clone(),
+            net: self.net.clone(),
+            cfg: self.render_cfg(),
+        });
     }
 
     fn apply_doc(
@@ -1862,109 +1786,6 @@ impl Engine {
                 "invalid request",
                 "PATCH takes /policies/NAME or /farms/NAME/policies",
             )),
-        }
-    }
-
-    /// Runs `f` with the state and slots lent out of the engine rather than copied
-    /// (a copy costs a string and a reference count per farm, on every read); they
-    /// are put back when `f` returns.
-    fn with_state<R>(&mut self, f: impl FnOnce(&mut Self, &State, &Slots) -> R) -> R {
-        let state = std::mem::take(&mut self.state);
-        let slots = std::mem::take(&mut self.slots);
-        let r = f(self, &state, &slots);
-        self.state = state;
-        self.slots = slots;
-        r
-    }
-
-    fn get(&mut self, segs: &[&str]) -> Reply {
-        // The indexes are lent out too: they count each address's users in O(1) (a
-        // listing would otherwise count them over every farm, for every address).
-        let ix = std::mem::take(&mut self.ix);
-        let r = self.with_state(|e, st, slots| {
-            let used = |n: &str| ix.users.get(n).map_or(0, BTreeSet::len);
-            e.get_in(st, slots, &used, segs)
-        });
-        self.ix = ix;
-        r
-    }
-
-    fn get_in(
-        &mut self,
-        st: &State,
-        slots: &Slots,
-        used: document::UsedBy,
-        segs: &[&str],
-    ) -> Reply {
-        let unknown = |what: &str, name: &str| {
-            Failure::new(404, "invalid request", format!("Unknown {what} '{name}'")).reply()
-        };
-        let list = |key: &str, items: Vec<Value>| Reply::listing(key, items.into_iter());
-        match segs {
-            ["farms"] => Reply::listing(
-                "farms",
-                st.farms
-                    .values()
-                    .map(|f| self.farm_with_counters(st, f, used)),
-            ),
-            ["farms", name] => match st.farms.get(name) {
-                Some(f) => {
-                    let v = self.farm_with_counters(st, f, used);
-                    list("farms", vec![v])
-                }
-                None => unknown("farm", name),
-            },
-            ["farms", name, "sessions"] => match st.farms.get(name) {
-                Some(f) => {
-                    let mut list = match document::sessions_json(f) {
-                        Value::Array(a) => a,
-                        _ => Vec::new(),
-                    };
-                    for d in self.dynamic_sessions(st, slots, name) {
-                        let mut m = Map::new();
-                        m.insert("client".into(), Value::String(d.client));
-                        m.insert(
-                            "backend".into(),
-                            Value::String(d.backend.unwrap_or_else(|| "UNDEFINED".into())),
-                        );
-                        if let Some(e) = d.expires {
-                            m.insert("expiration".into(), Value::String(format!("{e}s")));
-                        }
-                        list.push(Value::Object(m));
-                    }
-                    let mut m = Map::new();
-                    m.insert("sessions".into(), Value::Array(list));
-                    Reply::document(Value::Object(m))
-                }
-                None => unknown("farm", name),
-            },
-            ["policies"] => Reply::listing(
-                "policies",
-                st.policies
-                    .values()
-                    .map(|p| self.policy_with_counters(st, p)),
-            ),
-            ["policies", name] => match st.policies.get(name) {
-                Some(p) => {
-                    let v = self.policy_with_counters(st, p);
-                    list("policies", vec![v])
-                }
-                None => unknown("policy", name),
-            },
-            ["addresses"] => Reply::listing(
-                "addresses",
-                st.addresses
-                    .values()
-                    .map(|a| document::address_top_json_used(st, a, View::Client, used)),
-            ),
-            ["addresses", name] => match st.addresses.get(name) {
-                Some(a) => list(
-                    "addresses",
-                    vec![document::address_top_json_used(st, a, View::Client, used)],
-                ),
-                None => unknown("address", name),
-            },
-            _ => Failure::new(400, "invalid request", "unknown path").reply(),
         }
     }
 
@@ -2035,7 +1856,7 @@ impl Engine {
                         }
                         farm.sessions.retain(|s| s.backend != *b);
                         dynamic_deletes = self
-                            .with_state(|e, st, sl| e.dynamic_sessions(st, sl, name))
+                            .dynamic_sessions(name)
                             .into_iter()
                             .filter(|d| d.backend.as_deref() == Some(*b))
                             .map(|d| d.delete_command())
@@ -2051,7 +1872,7 @@ impl Engine {
                         if farm.sessions.len() == before {
                             // Not static: a session the kernel learnt.
                             dynamic_deletes = self
-                                .with_state(|e, st, sl| e.dynamic_sessions(st, sl, name))
+                                .dynamic_sessions(name)
                                 .into_iter()
                                 .filter(|d| d.client == canon || d.client == client)
                                 .map(|d| d.delete_command())
@@ -2541,93 +2362,41 @@ fn text_error(e: TextError) -> String {
     }
 }
 
-/// A persistence entry learnt by the kernel.
-struct DynSession {
-    fam: TableFamily,
-    map: String,
-    client: String,
-    mark: u32,
-    backend: Option<String>,
-    expires: Option<u64>,
+/// The sets another process changed, as the monitor reported them.
+#[derive(Debug, Default)]
+struct Suspects {
+    /// Every set is suspect (the monitor lost announcements or listed too many).
+    all: bool,
+    /// (family, set name).
+    sets: Vec<(TableFamily, String)>,
 }
 
-impl DynSession {
-    fn delete_command(&self) -> String {
-        format!(
-            "delete element {} {TABLE} {} {{ {} }}",
-            self.fam.as_str(),
-            self.map,
-            self.client
-        )
+impl Suspects {
+    fn touches(&self, fam: TableFamily, name: &str) -> bool {
+        self.all || self.sets.iter().any(|(f, n)| *f == fam && n == name)
     }
 }
 
-/// Per-element counters of a set listed as nft JSON, keyed like the model's elements.
-fn parse_set_counters(v: &Value) -> HashMap<String, (u64, u64)> {
-    let mut out = HashMap::new();
-    let Some(items) = v.get("nftables").and_then(Value::as_array) else {
-        return out;
-    };
-    for item in items {
-        let Some(elems) = item.pointer("/set/elem").and_then(Value::as_array) else {
+/// Reads a VERIFY request's body: `NFPROTO name` a line, or `*`.
+fn parse_suspects(body: &[u8]) -> Suspects {
+    let mut s = Suspects::default();
+    for line in String::from_utf8_lossy(body).lines() {
+        if line.trim() == "*" {
+            s.all = true;
+            continue;
+        }
+        let Some((fam, name)) = line.split_once(' ') else {
             continue;
         };
-        for e in elems {
-            let inner = e.get("elem").unwrap_or(e);
-            let val = inner.get("val").unwrap_or(inner);
-            let data = if let Some(s) = val.as_str() {
-                s.to_string()
-            } else if let Some(p) = val.get("prefix") {
-                let addr = p.get("addr").and_then(Value::as_str).unwrap_or("");
-                let len = p.get("len").and_then(Value::as_u64).unwrap_or(0);
-                format!("{addr}/{len}")
-            } else {
-                continue;
-            };
-            let c = inner.get("counter");
-            let n = |k: &str| {
-                c.and_then(|c| c.get(k))
-                    .and_then(Value::as_u64)
-                    .unwrap_or(0)
-            };
-            out.insert(data, (n("packets"), n("bytes")));
-        }
-    }
-    out
-}
-
-/// The elements of a map listed as nft JSON: (key text, value, seconds left). A mark
-/// value comes as a number, an address as text.
-fn parse_map_elements(v: &Value) -> Vec<(String, Value, Option<u64>)> {
-    fn part(v: &Value) -> String {
-        match v {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        }
-    }
-    let mut out = Vec::new();
-    let Some(items) = v.get("nftables").and_then(Value::as_array) else {
-        return out;
-    };
-    for item in items {
-        let Some(elems) = item.pointer("/map/elem").and_then(Value::as_array) else {
-            continue;
+        let fam = match fam.parse::<i32>() {
+            Ok(libc::NFPROTO_IPV4) => TableFamily::Ip,
+            Ok(libc::NFPROTO_IPV6) => TableFamily::Ip6,
+            Ok(libc::NFPROTO_NETDEV) => TableFamily::Netdev,
+            _ => continue,
         };
-        for e in elems {
-            let (Some(k), Some(val)) = (e.get(0), e.get(1)) else {
-                continue;
-            };
-            let inner = k.get("elem").unwrap_or(k);
-            let key = inner.get("val").unwrap_or(inner);
-            let client = match key.get("concat").and_then(Value::as_array) {
-                Some(parts) => parts.iter().map(part).collect::<Vec<_>>().join(" . "),
-                None => part(key),
-            };
-            let expires = inner.get("expires").and_then(Value::as_u64);
-            out.push((client, val.clone(), expires));
-        }
+        s.sets.push((fam, name.to_string()));
     }
-    out
+    s
 }
 
 fn kernel_failure(first: &KernelError, resync: &str) -> Failure {
@@ -2725,7 +2494,11 @@ mod tests {
         e
     }
 
+    /// A request as the API routes it: GETs to the read side, the rest to the writer.
     fn req(e: &mut Engine, method: &str, path: &str, body: &str) -> Reply {
+        if method == "GET" {
+            return e.reads().get(path);
+        }
         e.handle(&Request {
             method: method.into(),
             path: path.into(),
@@ -3085,10 +2858,10 @@ mod tests {
         assert!(!fresh.entries().is_empty());
         // The usage index (GET's `used`) agrees with counting over every farm.
         for a in e.state().addresses.keys() {
-            let n = e.ix.users.get(a).map_or(0, BTreeSet::len);
+            let n = e.ix.users.get(a).map_or(0, imbl::OrdSet::len);
             assert_eq!(n, e.state().address_used(a), "{a}");
         }
-        assert_eq!(e.ix.users.get("z-addr").map(BTreeSet::len), Some(1));
+        assert_eq!(e.ix.users.get("z-addr").map(imbl::OrdSet::len), Some(1));
     }
 }
 

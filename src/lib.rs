@@ -3,7 +3,8 @@
 //!
 //! Data flows one way: [`document`] (JSON) -> [`model`] (desired state) -> [`render`]
 //! (ruleset) -> [`ruleset::plan`] (one transaction) -> [`kernel`] -> [`store`].
-//! [`engine`] is the single writer that runs that pipeline for every request.
+//! [`engine`] is the single writer that runs that pipeline for every change; [`read`]
+//! answers GETs from the snapshot it publishes after each one.
 
 pub mod api;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod kernel;
 pub mod logging;
 pub mod model;
 pub mod netinfo;
+pub mod read;
 pub mod render;
 pub mod ruleset;
 pub mod store;

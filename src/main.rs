@@ -1,7 +1,11 @@
 //! The `nftlb` daemon.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use tokio::sync::mpsc;
@@ -62,7 +66,7 @@ fn run(args: Args) -> Result<(), String> {
         return Ok(());
     }
 
-    let key = match args.explicit_key() {
+    let key = match args.explicit_key()? {
         Some(k) => k,
         None => {
             let k = generate_key()?;
@@ -83,18 +87,40 @@ fn run(args: Args) -> Result<(), String> {
             _ => return Ok(()),
         }
     }
+    // Until the handlers are installed (after start-up), these are ignored rather than
+    // fatal.
+    for sig in [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2] {
+        // SAFETY: setting a signal's disposition to "ignore".
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+    let (limit, nofile) = api::connection_limit();
 
+    // One daemon per state file (the kernel's owner marker covers one per table).
+    let store = Store::new(&args.state_file);
+    let _lock = store.lock()?;
     let k = kernel::open(&args.nft_backend).map_err(|e| e.to_string())?;
     tracing::info!(backend = k.name(), "nftables backend ready");
-    let mut engine = Engine::new(k, Some(Store::new(&args.state_file)), cfg);
+    let mut engine = Engine::new(k, Some(store), cfg);
+    // Test knob: cut large loads into smaller kernel transactions (crash tests).
+    if let Some(n) = std::env::var("NFTLB_TEST_ELEMENT_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        engine.set_element_batch_commands(n);
+    }
     engine.start(config.as_deref(), true)?;
 
+    let reads = engine.reads();
     let (tx, mut rx) = mpsc::channel::<Job>(1024);
+    let busy = Arc::new(AtomicBool::new(false));
+    let writer_busy = busy.clone();
     let writer = std::thread::Builder::new()
         .name("writer".into())
         .spawn(move || {
             while let Some((req, reply)) = rx.blocking_recv() {
+                writer_busy.store(true, Ordering::Release);
                 let r = engine.handle(&req);
+                writer_busy.store(false, Ordering::Release);
                 let _ = reply.send(r);
             }
         })
@@ -125,10 +151,16 @@ fn run(args: Args) -> Result<(), String> {
             let e = nftlb::kernel::monitor::watch(move |f| {
                 tracing::warn!(by = %f.by, what = ?f.what, "our tables were changed from outside");
                 let (reply, _) = tokio::sync::oneshot::channel();
+                // The sets whose elements were touched, one `family name` a line; `*`
+                // when they are not known.
+                let body = match &f.sets {
+                    Some(sets) => sets.iter().map(|(fam, n)| format!("{fam} {n}\n")).collect(),
+                    None => "*\n".to_string(),
+                };
                 let req = nftlb::engine::Request {
                     method: "VERIFY".into(),
                     path: String::new(),
-                    body: Vec::new(),
+                    body: body.into_bytes(),
                 };
                 let _ = verify.blocking_send((req, reply));
             });
@@ -147,19 +179,31 @@ fn run(args: Args) -> Result<(), String> {
     } else {
         format!("{host}:{}", args.port)
     };
+    let config_path = args.config.clone();
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        tracing::info!(%addr, "API listening");
-        axum::serve(listener, api::router(key, tx))
-            .with_graceful_shutdown(shutdown())
-            .await
-            .map_err(|e| format!("server error: {e}"))
+        let stop = signals(config_path, tx.clone())?;
+        tracing::info!(%addr, connections = limit, nofile, "API listening");
+        api::serve(listener, api::router(key, tx, reads), limit, stop).await;
+        Ok::<(), String>(())
     })?;
-    // The server has answered every request it accepted, so the writer is idle; it and
-    // the network watcher end with the process.
+    // The server has answered the requests it could within its grace; a change the
+    // writer is still applying gets what is left of the deadline. The writer and the
+    // watchers end with the process.
+    let deadline = STOP_AT.get().copied().unwrap_or_else(Instant::now) + api::SHUTDOWN_DEADLINE
+        - Duration::from_millis(300);
+    while busy.load(Ordering::Acquire) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if busy.load(Ordering::Acquire) {
+        tracing::warn!(
+            "exiting while a change is being applied; the next start brings the kernel back to the saved state"
+        );
+    }
     drop(writer);
+    rt.shutdown_timeout(Duration::from_millis(100));
     tracing::info!("shutting down; rules stay in place");
     Ok(())
 }
@@ -186,16 +230,82 @@ fn detach_stdio(log_output: u8) {
     }
 }
 
-async fn shutdown() {
+/// When the stop signal came.
+static STOP_AT: OnceLock<Instant> = OnceLock::new();
+
+/// Installs the signal handlers; the future completes on SIGTERM, SIGINT or SIGQUIT.
+/// SIGHUP applies the `-c` file again (as a POST of it, through the writer); SIGUSR1 and
+/// SIGUSR2 are logged and ignored.
+fn signals(
+    config: Option<PathBuf>,
+    writer: mpsc::Sender<Job>,
+) -> Result<impl std::future::Future<Output = ()>, String> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
+    let on = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| format!("cannot handle {name}: {e}"))
     };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
+    let mut term = on(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = on(SignalKind::interrupt(), "SIGINT")?;
+    let mut quit = on(SignalKind::quit(), "SIGQUIT")?;
+    let mut hup = on(SignalKind::hangup(), "SIGHUP")?;
+    let mut usr1 = on(SignalKind::user_defined1(), "SIGUSR1")?;
+    let mut usr2 = on(SignalKind::user_defined2(), "SIGUSR2")?;
+    Ok(async move {
+        let name = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = quit.recv() => break "SIGQUIT",
+                _ = hup.recv() => reload(config.clone(), writer.clone()),
+                _ = usr1.recv() => tracing::info!("SIGUSR1 received: it has no meaning here, ignored"),
+                _ = usr2.recv() => tracing::info!("SIGUSR2 received: it has no meaning here, ignored"),
+            }
+        };
+        let _ = STOP_AT.set(Instant::now());
+        tracing::info!(
+            "{name} received: stopping (requests being handled get {} s, the process exits within {} s)",
+            api::SHUTDOWN_GRACE.as_secs(),
+            api::SHUTDOWN_DEADLINE.as_secs()
+        );
+    })
+}
+
+/// SIGHUP: the `-c` file applied again through the writer, like a POST of it.
+fn reload(config: Option<PathBuf>, writer: mpsc::Sender<Job>) {
+    let Some(path) = config else {
+        tracing::info!("SIGHUP received: no configuration file (-c) was given, nothing to reload");
+        return;
+    };
+    tracing::info!(file = %path.display(), "SIGHUP received: applying the configuration file again");
+    tokio::spawn(async move {
+        let file = path.display();
+        let body = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("SIGHUP: cannot read {file}: {e}; nothing changed");
+                return;
+            }
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let req = nftlb::engine::Request {
+            method: "POST".into(),
+            path: "/farms".into(),
+            body,
+        };
+        if writer.send((req, tx)).await.is_err() {
+            tracing::error!("SIGHUP: the writer has stopped; {file} not applied");
+            return;
+        }
+        match rx.await {
+            Ok(r) if r.status == 200 => {
+                tracing::info!("SIGHUP: {file} applied: {}", r.body)
+            }
+            Ok(r) => tracing::error!(
+                status = r.status,
+                "SIGHUP: {file} was not applied (nothing changed): {}",
+                r.body
+            ),
+            Err(_) => tracing::error!("SIGHUP: the writer has stopped; {file} not applied"),
+        }
+    });
 }

@@ -79,4 +79,7 @@ impl Kernel for CliKernel {
     fn has_netlink(&self) -> bool {
         true
     }
+    fn live(&self) -> std::sync::Arc<dyn super::live::Live> {
+        std::sync::Arc::new(super::live::NetlinkLive::default())
+    }
 }

@@ -4,6 +4,7 @@
 mod cli;
 mod fake;
 mod ffi;
+pub mod live;
 pub mod monitor;
 pub mod netlink;
 pub mod owner;
@@ -50,6 +51,11 @@ pub trait Kernel: Send {
     /// Whether [`Kernel::apply_elements`] is implemented.
     fn has_netlink(&self) -> bool {
         false
+    }
+    /// Read access to the live data of the tables this backend manages (counters,
+    /// learnt elements), usable from other threads than the one that owns the backend.
+    fn live(&self) -> std::sync::Arc<dyn live::Live> {
+        std::sync::Arc::new(live::NoLive)
     }
 }
 

@@ -33,7 +33,13 @@ pub struct Foreign {
     pub by: String,
     /// What it touched, e.g. `delete rule (chain prerouting)`; at most a few.
     pub what: Vec<String>,
+    /// The sets and maps whose elements were changed: (nfproto family, name). `None`
+    /// when they are not known (announcements were lost, or too many to list).
+    pub sets: Option<Vec<(u8, String)>>,
 }
+
+/// The most set names one report lists (beyond: `sets` is `None`, all are suspect).
+const MAX_SETS: usize = 256;
 
 /// Runs forever on the calling thread (in its network namespace), calling `report` for
 /// each burst of foreign changes to our tables. Returns only if the socket cannot be
@@ -46,6 +52,7 @@ pub fn watch(mut report: impl FnMut(Foreign)) -> io::Error {
     let me = std::process::id();
     let mut buf = vec![0u8; 1 << 20];
     let mut touched: Vec<String> = Vec::new();
+    let mut touched_sets: Vec<(u8, String)> = Vec::new();
     let mut pending: Option<Foreign> = None;
     loop {
         // With a report pending, wait only a moment for more.
@@ -61,9 +68,11 @@ pub fn watch(mut report: impl FnMut(Foreign)) -> io::Error {
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                 // Announcements were lost: assume the worst.
                 touched.clear();
+                touched_sets.clear();
                 pending = Some(Foreign {
                     by: "unknown (announcements were lost)".into(),
                     what: Vec::new(),
+                    sets: None,
                 });
                 continue;
             }
@@ -104,7 +113,18 @@ pub fn watch(mut report: impl FnMut(Foreign)) -> io::Error {
                         let f = pending.get_or_insert(Foreign {
                             by,
                             what: Vec::new(),
+                            sets: Some(Vec::new()),
                         });
+                        if let Some(sets) = &mut f.sets {
+                            for s in touched_sets.drain(..) {
+                                if !sets.contains(&s) {
+                                    sets.push(s);
+                                }
+                            }
+                            if sets.len() > MAX_SETS {
+                                f.sets = None;
+                            }
+                        }
                         for t in touched.drain(..) {
                             if f.what.len() < 5 && !f.what.contains(&t) {
                                 f.what.push(t);
@@ -113,6 +133,7 @@ pub fn watch(mut report: impl FnMut(Foreign)) -> io::Error {
                     }
                 }
                 touched.clear();
+                touched_sets.clear();
                 continue;
             }
             let Some(verb) = describe(msg) else {
@@ -130,6 +151,14 @@ pub fn watch(mut report: impl FnMut(Foreign)) -> io::Error {
                 3 | 5 => attr_str(attrs, 3).map(|c| format!(" {c}")),
                 _ => attr_str(attrs, 2).map(|c| format!(" {c}")),
             };
+            if matches!(msg, 12 | 14) && touched_sets.len() <= MAX_SETS {
+                if let Some(set) = attr_str(attrs, 2) {
+                    let family = part.get(16).copied().unwrap_or(0);
+                    if !touched_sets.contains(&(family, set.clone())) {
+                        touched_sets.push((family, set));
+                    }
+                }
+            }
             touched.push(format!("{verb}{}", name.unwrap_or_default()));
         }
     }

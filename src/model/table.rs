@@ -173,6 +173,12 @@ impl<T> Table<T> {
         self.order.values().map(|(_, v)| v)
     }
 
+    /// Objects in order from position `from` on, each with its position (so that an
+    /// iteration can stop and resume later on the same table).
+    pub fn values_from(&self, from: u64) -> impl Iterator<Item = (u64, &Arc<T>)> + '_ {
+        self.order.range(from..).map(|(p, (_, v))| (*p, v))
+    }
+
     /// Lets `f` change any object; only the objects it replaced (a different `Arc`
     /// afterwards, e.g. through `Arc::make_mut`) are written back and logged.
     pub fn for_each_mut(&mut self, mut f: impl FnMut(&mut Arc<T>)) {

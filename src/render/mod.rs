@@ -114,7 +114,8 @@ const SKELETON_KINDS: [(u32, u32); 3] = [(0, 16), (1, 32), (2, 64)];
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(from = "SlotsData")]
 pub struct Slots {
-    by_farm: HashMap<String, Slot>,
+    /// Persistent (O(1) copy): every committed state's slots are published to readers.
+    by_farm: imbl::HashMap<String, Slot>,
     free: BTreeMap<u32, Vec<u32>>,
     next: u64,
     /// Kind numbers beyond the skeleton's in use: signature and number of farms (derived
@@ -137,7 +138,7 @@ struct SlotsData {
 impl From<SlotsData> for Slots {
     fn from(d: SlotsData) -> Slots {
         let mut s = Slots {
-            by_farm: HashMap::new(),
+            by_farm: imbl::HashMap::new(),
             free: d.free,
             next: d.next,
             kinds: BTreeMap::new(),

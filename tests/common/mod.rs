@@ -1153,6 +1153,46 @@ impl<'a> Daemon<'a> {
         }
     }
 
+    /// Starts a daemon inside `ns` on a copy of `other`'s state file (and journal).
+    pub fn start_from(ns: &'a NetNs, other: &Daemon) -> Daemon<'a> {
+        let dir = std::env::temp_dir().join(unique("nlbt", "daemon"));
+        fs::create_dir_all(&dir).expect("create daemon temp dir");
+        for ext in ["json", "json.journal"] {
+            let from = other.state_file().with_extension(ext);
+            if from.exists() {
+                fs::copy(&from, dir.join("state").with_extension(ext)).expect("copy state");
+            }
+        }
+        let mut d = Daemon {
+            ns,
+            key: API_KEY.to_string(),
+            dir,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    /// The name of the namespace the daemon runs in.
+    pub fn ns_name(&self) -> &str {
+        self.ns.name()
+    }
+
+    /// SIGKILL (to this PID only) and reap: a crash at whatever point it is.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGKILL);
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again (after [`crash`](Self::crash) or [`stop`](Self::stop)).
+    pub fn respawn(&mut self) {
+        self.spawn();
+    }
+
     /// SIGTERM, wait, start again with the same state file and key.
     pub fn restart(&mut self) {
         if let Some(st) = self.stop() {
@@ -1511,6 +1551,153 @@ pub fn backend_patch(farm: &str, backend: &str, key: &str, value: &str) -> Value
 /// Map literal for count assertions: `expect_counts(&[("be1", 2), ("be2", 2)])`.
 pub fn expect_counts(v: &[(&str, usize)]) -> BTreeMap<String, usize> {
     v.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+}
+
+/// POST `body` to the API of the daemon in namespace `ns` with `key`, from the calling
+/// thread (which enters the namespace). The status, or `None` if the connection failed
+/// or was cut (e.g. the daemon was killed).
+pub fn raw_post(ns: &str, key: &str, path: &str, body: &[u8]) -> Option<u16> {
+    let file = File::open(format!("/run/netns/{ns}")).ok()?;
+    enter(&file, ns);
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nKey: {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), API_PORT);
+    http_exchange(addr, &req, Duration::from_secs(120))
+        .ok()
+        .map(|r| r.status)
+}
+
+// ---------------------------------------------------------------------------
+// daemon variants and process checks (tests/api_abuse.rs)
+
+impl<'a> Daemon<'a> {
+    /// Like [`start`](Self::start), with `prefix` run before the binary (e.g.
+    /// `prlimit --nofile=1024:1024`, which execs it: the PID stays the daemon's), `extra`
+    /// arguments after the usual ones and `env` added to its environment. (A
+    /// [`restart`](Self::restart) starts it without them.)
+    pub fn start_with(
+        ns: &'a NetNs,
+        prefix: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon<'a> {
+        let dir = std::env::temp_dir().join(unique("nlbt", "daemon"));
+        fs::create_dir_all(&dir).expect("create daemon temp dir");
+        let mut d = Daemon {
+            ns,
+            key: API_KEY.to_string(),
+            dir,
+            child: None,
+        };
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.log_path())
+            .expect("open daemon log");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()])
+            .args(prefix)
+            .arg(env!("CARGO_BIN_EXE_nftlb"))
+            .args(["-k", &d.key, "-H", "127.0.0.1"])
+            .args(["-P", &API_PORT.to_string()])
+            .arg("--state-file")
+            .arg(d.state_file())
+            .args(["-L", "2", "-l", "7"])
+            .args(extra)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        d.child = Some(cmd.spawn().expect("spawn nftlb daemon"));
+        d.wait_ready();
+        d
+    }
+
+    /// Sends `sig` to the daemon (its PID only).
+    pub fn signal(&self, sig: i32) {
+        let pid = self.pid().expect("daemon running");
+        unsafe {
+            libc::kill(pid as i32, sig);
+        }
+    }
+
+    /// Whether the daemon process is still running (not exited).
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Sends `sig` and waits up to `timeout` for the process to exit: its status and how
+    /// long it took (None: still running after `timeout`; it is then SIGKILLed).
+    pub fn stop_with(&mut self, sig: i32, timeout: Duration) -> (Option<ExitStatus>, Duration) {
+        let mut child = self.child.take().expect("daemon running");
+        let t = Instant::now();
+        unsafe {
+            libc::kill(child.id() as i32, sig);
+        }
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return (Some(st), t.elapsed());
+            }
+            if t.elapsed() >= timeout {
+                let waited = t.elapsed();
+                let _ = child.kill();
+                let _ = child.wait();
+                return (None, waited);
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A `/proc/PID/status` field in kB (e.g. `VmRSS`, `VmHWM`).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        proc_status_kib(self.pid().expect("daemon running"), field)
+    }
+
+    /// Open file descriptors of the daemon.
+    pub fn open_fds(&self) -> usize {
+        let pid = self.pid().expect("daemon running");
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+/// A `/proc/PID/status` field in kB (0 when absent).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Raises this process's open-file soft limit to its hard limit (tests that hold many
+/// sockets).
+pub fn raise_nofile() -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
+        rl.rlim_cur = rl.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl);
+    }
+    rl.rlim_cur
 }
 
 /// The daemon binary the tests start: this build's, or `NLBT_DAEMON_BIN` (a copy, so that
