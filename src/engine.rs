@@ -970,9 +970,23 @@ impl Engine {
         {
             let mut seen: HashSet<&str> = dirty.iter().map(String::as_str).collect();
             let mut extra = Vec::new();
+            // A farm renders the policy chains of the addresses it uses: a changed policy
+            // touches the users of the addresses that carry it (found by fuzz_api: a
+            // policy's new log prefix never reached such a farm's rules).
+            let carriers: Vec<&String> = if changes.policies.is_empty() {
+                Vec::new()
+            } else {
+                [&self.state, &next]
+                    .into_iter()
+                    .flat_map(|st| st.addresses.values())
+                    .filter(|a| a.policies.iter().any(|p| changes.policies.contains(p)))
+                    .map(|a| &a.name)
+                    .collect()
+            };
             let users = changes
                 .addresses
                 .iter()
+                .chain(carriers)
                 .filter_map(|a| self.ix.users.get(a))
                 .flatten()
                 .chain(

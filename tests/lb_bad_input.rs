@@ -747,3 +747,31 @@ fn address_renamed_through_its_farm() {
         expect_counts(&[("be1", 1), ("be2", 1)])
     );
 }
+
+/// A change of a policy attached to an address that a farm uses reaches the kernel
+/// (found by tests/fuzz_api.rs: the farm renders that address's policy chain, and was
+/// not rendered again, so the new log prefix stayed out of the kernel).
+#[test]
+fn policy_change_reaches_farms_through_their_addresses() {
+    let lab = Lab::new(1);
+    let d = setup(&lab);
+    d.apply(&json!({
+        "policies": [{"name": "bl", "elements": [{"data": "198.18.9.0/24"}]}],
+        "addresses": [{"name": "fw", "ip-addr": "198.18.0.200", "ports": "22", "policies": [{"name": "bl"}]}],
+        "farms": [{"name": "a", "addresses": [{"name": "fw", "ports": "1286"}]}]}));
+    for (body, want) in [
+        (
+            json!({"policies": [{"name": "bl", "log-prefix": "LP-PNAME "}]}),
+            "log prefix \"LP-bl \"",
+        ),
+        (
+            json!({"policies": [{"name": "bl", "type": "whitelist"}]}),
+            "counter name \"pca-bl/fw\" return",
+        ),
+    ] {
+        let (st, reply) = d.post("/policies", &body);
+        assert_eq!(st, 200, "{reply}");
+        let rs = lab.lb.nft_ruleset();
+        assert!(rs.contains(want), "no {want} in\n{rs}");
+    }
+}
