@@ -120,7 +120,7 @@ fn kernel_state(ns: &NetNs) -> Value {
 /// file, in a namespace of its own.
 fn assert_kernel_is_fresh(lab: &Lab, d: &Daemon, what: &str) {
     let ns = NetNs::new("fresh");
-    let fresh = Daemon::start_from(&ns, d);
+    let fresh = Daemon::start_from_state(&ns, d);
     let want = kernel_state(&ns);
     drop(fresh);
     let have = kernel_state(&lab.lb);

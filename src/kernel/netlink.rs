@@ -835,57 +835,16 @@ impl NetlinkWriter {
 
     /// One datagram into `self.buf`; `None` when nothing is queued and `wait` is false.
     fn recv(&mut self, wait: bool, deadline: Instant) -> io::Result<Option<usize>> {
-        let fd = self.sock.as_raw_fd();
-        loop {
-            if wait {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer"));
-                }
-                let mut p = libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd.
-                let r = unsafe { libc::poll(&mut p, 1, left.as_millis().max(1) as i32) };
-                if r < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(e);
-                }
-                if r == 0 {
-                    continue;
-                }
-            }
-            // SAFETY: recv into our buffer, whose length we pass.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    self.buf.as_mut_ptr() as *mut libc::c_void,
-                    self.buf.len(),
-                    libc::MSG_DONTWAIT,
+        recv_datagram(self.sock.as_raw_fd(), &mut self.buf, wait, deadline).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOBUFS) {
+                io::Error::new(
+                    e.kind(),
+                    "answers were lost (ENOBUFS): the outcome is unknown",
                 )
-            };
-            if n >= 0 {
-                return Ok(Some(n as usize));
+            } else {
+                e
             }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock if wait => continue,
-                io::ErrorKind::WouldBlock => return Ok(None),
-                _ if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    return Err(io::Error::new(
-                        e.kind(),
-                        "answers were lost (ENOBUFS): the outcome is unknown",
-                    ))
-                }
-                _ => return Err(e),
-            }
-        }
+        })
     }
 }
 
@@ -922,6 +881,60 @@ fn grow_buffer(fd: i32, opt: libc::c_int, force: libc::c_int, want: usize) {
         };
         if r == 0 {
             return;
+        }
+    }
+}
+
+/// One datagram from the netlink socket `fd` into `buf`: waits (until `deadline`) if
+/// `wait`, else `None` when nothing is queued. Interrupted calls are retried.
+pub(crate) fn recv_datagram(
+    fd: std::os::fd::RawFd,
+    buf: &mut [u8],
+    wait: bool,
+    deadline: Instant,
+) -> io::Result<Option<usize>> {
+    loop {
+        if wait {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer"));
+            }
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut p, 1, left.as_millis().max(1) as i32) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if r == 0 {
+                continue;
+            }
+        }
+        // SAFETY: recv into `buf`, whose length we pass.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock if wait => continue,
+            io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(e),
         }
     }
 }

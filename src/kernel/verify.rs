@@ -524,47 +524,8 @@ impl Dumper {
     }
 
     fn recv(&mut self, deadline: Instant) -> io::Result<usize> {
-        let fd = self.sock.as_raw_fd();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer"));
-            }
-            let mut p = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd.
-            let r = unsafe { libc::poll(&mut p, 1, left.as_millis().max(1) as i32) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if r == 0 {
-                continue;
-            }
-            // SAFETY: recv into our buffer, whose length we pass.
-            let n = unsafe {
-                libc::recv(
-                    fd,
-                    self.buf.as_mut_ptr() as *mut libc::c_void,
-                    self.buf.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n >= 0 {
-                return Ok(n as usize);
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => continue,
-                _ => return Err(e),
-            }
-        }
+        super::netlink::recv_datagram(self.sock.as_raw_fd(), &mut self.buf, true, deadline)
+            .map(|n| n.unwrap_or(0))
     }
 }
 

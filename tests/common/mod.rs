@@ -1153,26 +1153,6 @@ impl<'a> Daemon<'a> {
         }
     }
 
-    /// Starts a daemon inside `ns` on a copy of `other`'s state file (and journal).
-    pub fn start_from(ns: &'a NetNs, other: &Daemon) -> Daemon<'a> {
-        let dir = std::env::temp_dir().join(unique("nlbt", "daemon"));
-        fs::create_dir_all(&dir).expect("create daemon temp dir");
-        for ext in ["json", "json.journal"] {
-            let from = other.state_file().with_extension(ext);
-            if from.exists() {
-                fs::copy(&from, dir.join("state").with_extension(ext)).expect("copy state");
-            }
-        }
-        let mut d = Daemon {
-            ns,
-            key: API_KEY.to_string(),
-            dir,
-            child: None,
-        };
-        d.spawn();
-        d
-    }
-
     /// The name of the namespace the daemon runs in.
     pub fn ns_name(&self) -> &str {
         self.ns.name()
