@@ -1033,16 +1033,22 @@ pub struct Daemon<'a> {
 impl<'a> Daemon<'a> {
     /// Starts the daemon inside `ns` and waits (bounded) until its API answers.
     pub fn start(ns: &'a NetNs) -> Daemon<'a> {
+        let mut d = Daemon::unstarted(ns);
+        d.spawn();
+        d
+    }
+
+    /// A daemon for `ns` with the test key and a fresh directory (state file, log), not
+    /// started yet.
+    fn unstarted(ns: &'a NetNs) -> Daemon<'a> {
         let dir = std::env::temp_dir().join(unique("nlbt", "daemon"));
         fs::create_dir_all(&dir).expect("create daemon temp dir");
-        let mut d = Daemon {
+        Daemon {
             ns,
             key: API_KEY.to_string(),
             dir,
             child: None,
-        };
-        d.spawn();
-        d
+        }
     }
 
     pub fn state_file(&self) -> PathBuf {
@@ -1565,14 +1571,7 @@ impl<'a> Daemon<'a> {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Daemon<'a> {
-        let dir = std::env::temp_dir().join(unique("nlbt", "daemon"));
-        fs::create_dir_all(&dir).expect("create daemon temp dir");
-        let mut d = Daemon {
-            ns,
-            key: API_KEY.to_string(),
-            dir,
-            child: None,
-        };
+        let mut d = Daemon::unstarted(ns);
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -1690,8 +1689,9 @@ impl<'a> Daemon<'a> {
     /// Starts a daemon in `ns` on a copy of another daemon's state file (snapshot and
     /// journal), as a restart on another machine would: to compare what it builds.
     pub fn start_from_state(ns: &'a NetNs, other: &Daemon) -> Daemon<'a> {
-        let dir = std::env::temp_dir().join(unique("nlbt", "daemon"));
-        fs::create_dir_all(&dir).expect("create daemon temp dir");
+        let mut d = Daemon::unstarted(ns);
+        d.key = other.key.clone();
+        let dir = d.dir.clone();
         let src = other.state_file();
         let (from, base) = (src.parent().unwrap(), src.file_name().unwrap());
         for e in fs::read_dir(from).expect("read state dir").flatten() {
@@ -1700,12 +1700,6 @@ impl<'a> Daemon<'a> {
                 fs::copy(e.path(), dir.join(&n)).expect("copy state file");
             }
         }
-        let mut d = Daemon {
-            ns,
-            key: other.key.clone(),
-            dir,
-            child: None,
-        };
         d.spawn();
         d
     }
